@@ -1,0 +1,130 @@
+"""Multi-task network: one shared ResNet-D backbone, run once per step, and one head per task.
+
+Params are ``{'backbone': ..., 'head_<task>': ...}``; ``apply`` returns ``{task: raw_output}`` with dense heads
+giving pre-activation maps [B, h, w, C] at feature resolution and classification heads a logit [B], always in
+float32. A single-task model is this class with one head.
+
+The reference code re-runs the backbone once per task. Since BN in train mode gives the same activations each
+time, the gradients equal those of one shared pass, but each step updated the backbone's BN running statistics T
+times (effective momentum 1−0.9^T). ``reference_bn_updates=True`` reproduces that update at no extra cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtl_sparse_jax.models.heads import ClassificationHead, DeepLabHead
+from mtl_sparse_jax.models.resnetd import ResNetD, scaled_width
+
+Dtype = Any
+HEAD_KINDS = ("deeplab", "classification")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """One task head: its task name, kind ('deeplab' or 'classification') and number of outputs.
+
+    A classification head returns one logit per image, so its ``out_channels`` must be 1.
+    """
+
+    name: str
+    kind: str
+    out_channels: int
+
+    def __post_init__(self):
+        if not self.name or not isinstance(self.name, str) or "/" in self.name:
+            raise ValueError(f"HeadSpec.name must be a non-empty string without '/', got {self.name!r}")
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"HeadSpec {self.name!r}: kind must be one of {HEAD_KINDS}, got {self.kind!r}")
+        if int(self.out_channels) < 1:
+            raise ValueError(f"HeadSpec {self.name!r}: out_channels must be >= 1, got {self.out_channels!r}")
+        if self.kind == "classification" and self.out_channels != 1:
+            raise ValueError(
+                f"HeadSpec {self.name!r}: a classification head returns one logit, so out_channels must be 1, "
+                f"got {self.out_channels!r}"
+            )
+
+
+def head_param_name(task: str) -> str:
+    """Top-level params key of a task's head."""
+    return f"head_{task}"
+
+
+class MultiTaskModel(nn.Module):
+    """Shared ResNetD backbone (applied once) with one head per ``HeadSpec``.
+
+    Attributes:
+      heads: the task heads, in order.
+      depth: backbone depth (18, 50, 101).
+      width_multiplier: backbone width multiplier.
+      head_width_multiplier: scales head widths (DeepLab 256 channels; classification 64 conv, 32 dense).
+      output_stride: backbone output stride (8, 16, 32).
+      dtype: computation dtype; outputs are returned in float32.
+      param_dtype: storage dtype of the parameters.
+      reference_bn_updates: in train mode, update the backbone's BN running statistics T = len(heads) times, as
+        the reference's per-task backbone re-runs did.
+    """
+
+    heads: Sequence[HeadSpec]
+    depth: int = 50
+    width_multiplier: float = 1.0
+    head_width_multiplier: float = 1.0
+    output_stride: int = 8
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    reference_bn_updates: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, taps: Sequence[str] = ()):
+        """{task: raw output}; with ``taps`` (backbone tap names), ({task: raw output}, {tap: array})."""
+        specs = tuple(self.heads)
+        if not specs:
+            raise ValueError("MultiTaskModel needs at least one HeadSpec (config model.heads / tasks is empty)")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"MultiTaskModel head names must be unique, got {names}")
+
+        backbone = ResNetD(
+            depth=self.depth,
+            width_multiplier=self.width_multiplier,
+            output_stride=self.output_stride,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            bn_updates=len(specs) if self.reference_bn_updates else 1,
+            name="backbone",
+        )
+        if taps:
+            features, tapped = backbone(x, train=train, taps=taps)
+        else:
+            features = backbone(x, train=train)
+
+        hw = self.head_width_multiplier
+        outputs = {}
+        for spec in specs:
+            if spec.kind == "deeplab":
+                head = DeepLabHead(
+                    out_channels=spec.out_channels,
+                    channels=scaled_width(256, hw),
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=head_param_name(spec.name),
+                )
+            else:
+                head = ClassificationHead(
+                    hidden=scaled_width(64, hw),
+                    dense=scaled_width(32, hw),
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=head_param_name(spec.name),
+                )
+            outputs[spec.name] = head(features, train=train).astype(jnp.float32)
+
+        if taps:
+            return outputs, tapped
+        return outputs
