@@ -1,0 +1,88 @@
+"""Numpy resizes with exactly PyTorch's semantics, used to resize examples once at conversion time.
+
+The authors' loader resizes with torchvision `Resize` on tensors (torchvision 0.14): bilinear interpolation with
+`align_corners=False` and no antialiasing for images, depth, normals and edges, and PyTorch's legacy nearest rule
+`src = floor(dst * in / out)` for label maps. `jax.image.resize` antialiases when downscaling and rounds nearest
+indices differently, so the index maps are written out here explicitly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _bilinear_taps(in_size: int, out_size: int):
+    """Source indices and weights along one axis, as PyTorch's `upsample_bilinear2d` (align_corners=False).
+
+    PyTorch computes the source coordinate `src = (dst + 0.5) * in/out - 0.5`, clamps it below at 0, takes
+    `i0 = floor(src)`, `i1 = min(i0 + 1, in - 1)` and weights `(1 - frac, frac)`.
+    """
+    scale = in_size / out_size
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.floor(src).astype(np.int64)
+    i0 = np.minimum(i0, in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = src - i0
+    w0 = 1.0 - w1
+    return i0, i1, w0, w1
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source index for every output index under PyTorch's legacy `nearest` mode: min(floor(dst*in/out), in-1).
+
+    PyTorch evaluates the scale and the product in float32; doing the same keeps the rare ties identical.
+    """
+    if in_size == out_size:
+        return np.arange(out_size, dtype=np.int64)
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, in_size - 1)
+
+
+def resize_bilinear(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize [H, W] or [H, W, C] to [height, width(, C)] bilinearly, half-pixel centres, no antialias.
+
+    Returns float32. Integer input (e.g. a uint8 image) is resized as float; round it yourself if needed.
+    Zeros are interpolated like any other value, as in the reference (e.g. invalid depth blends with neighbours).
+    """
+    array = np.asarray(array)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"resize_bilinear expects [H,W] or [H,W,C], got shape {array.shape}")
+    x = array.astype(np.float64, copy=False)
+    in_h, in_w = x.shape[:2]
+    if (in_h, in_w) == (height, width):
+        return x.astype(np.float32)
+    r0, r1, rw0, rw1 = _bilinear_taps(in_h, height)
+    c0, c1, cw0, cw1 = _bilinear_taps(in_w, width)
+    extra = (1,) * (x.ndim - 2)
+    rw0 = rw0.reshape((-1, 1) + extra)
+    rw1 = rw1.reshape((-1, 1) + extra)
+    rows = x[r0] * rw0 + x[r1] * rw1
+    cw0 = cw0.reshape((1, -1) + extra)
+    cw1 = cw1.reshape((1, -1) + extra)
+    out = rows[:, c0] * cw0 + rows[:, c1] * cw1
+    return out.astype(np.float32)
+
+
+def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a label map [H, W] (or [H, W, C]) with PyTorch's legacy nearest rule; keeps the dtype."""
+    array = np.asarray(array)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"resize_nearest expects [H,W] or [H,W,C], got shape {array.shape}")
+    rows = nearest_indices(array.shape[0], height)
+    cols = nearest_indices(array.shape[1], width)
+    return array[rows][:, cols]
+
+
+def resize_image_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a uint8 RGB image, rounded back to uint8 for PNG storage.
+
+    The reference resizes the float image in [0, 1]; storing uint8 adds at most 0.5/255 of rounding error.
+    """
+    if image.dtype != np.uint8:
+        raise ValueError(f"resize_image_uint8 expects uint8, got {image.dtype}")
+    if image.shape[:2] == (height, width):
+        return image
+    out = resize_bilinear(image, height, width)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
