@@ -488,18 +488,11 @@ def convert(src: str, out: str, *, layout: str | None = None, size: int = 256, s
             entries[split] = write_split(out, split, [str(k) for k in splits[split]], build, shard_size=shard_size,
                                          num_workers=workers, skip_bad=skip_bad, image_size=(size, size),
                                          num_classes=num_classes, desc=f"nyu {split}")
-            _report_skipped(entries[split], split, log)
+            raw_io.report_skipped(entries[split], split, log)
     features = ("image",) + tasks
     return write_manifest(out, dataset="nyuv2", source_layout=layout, image_size=(size, size), features=features,
                           num_classes=num_classes, splits=entries, extra=extra)
 
-
-def _report_skipped(entry: dict, split: str, log) -> None:
-    skipped = entry.get("skipped", [])
-    if skipped:
-        log(f"[data] {split}: skipped {len(skipped)} bad example(s) (listed in manifest.json):")
-        for item in skipped:
-            log(f"  {item['key']}: {item['error']}")
 
 
 def main(argv=None) -> int:
@@ -524,7 +517,7 @@ def main(argv=None) -> int:
         path = convert(args.src, args.out, layout=args.layout, size=args.size, shard_size=args.shard_size,
                        workers=args.workers, skip_bad=args.skip_bad, tasks=tasks, val_from_train=args.val_from_train,
                        seed=args.seed, mat=args.mat, mapping=args.mapping, split_file=args.split_file)
-    except (ValueError, OSError, BadExampleError) as err:  # one line that names the file
+    except (ValueError, OSError) as err:  # BadExampleError is a ValueError; one line that names the file
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"[nyu] wrote {path}")

@@ -21,6 +21,7 @@ __all__ = [
     "require_file",
     "require_finite",
     "require_hw",
+    "report_skipped",
 ]
 
 
@@ -111,3 +112,12 @@ def require_hw(array: np.ndarray, hw: tuple[int, int], path: str, what: str, cha
         raise BadExampleError(f"{path}: {what} has shape {array.shape} but the image needs {expected}; the files do "
                               "not belong together")
     return array
+
+
+def report_skipped(entry: dict, split: str, log=print) -> None:
+    """Print the examples a --skip-bad conversion left out of a split (the manifest lists them too)."""
+    skipped = entry.get("skipped", [])
+    if skipped:
+        log(f"[data] {split}: skipped {len(skipped)} bad example(s) (also listed in manifest.json):")
+        for item in skipped:
+            log(f"  {item['key']}: {item['error']}")
