@@ -38,6 +38,13 @@ class BadExampleError(ValueError):
 # Files
 # --------------------------------------------------------------------------------------------------
 
+def _new_file_mode() -> int:
+    """The mode open() would give a new file (0666 minus the umask); mkstemp alone would give 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Writes `data` to a temp file in the same directory and renames it onto `path`."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -47,6 +54,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -172,6 +180,7 @@ def _write_shard(job: dict) -> dict:
             "skipped": skipped,
             "fingerprint": job["fingerprint"],
         }
+        os.chmod(tmp_path, _new_file_mode())
         os.replace(tmp_path, final_path)
     except BaseException:
         if os.path.exists(tmp_path):

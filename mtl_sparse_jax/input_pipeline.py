@@ -1,0 +1,361 @@
+"""tf.data input pipeline: TFRecord shards + manifest.json -> per-process numpy batches for the trainer.
+
+This is the only module of `mtl_sparse_jax` that imports TensorFlow, and it does so lazily, hiding every GPU
+from TF first so that TF never takes accelerator memory from JAX.
+
+Batches (docs/architecture.md): `image` float32 [B,H,W,3] in [0,1]; `seg` int32 [B,H,W] (255 = ignore);
+`depth` float32 [B,H,W,1] normalised per `depth_norm`, `depth_valid` float32 [B,H,W,1], `depth_scale`
+float32 [B] (metres per unit); `normals` float32 [B,H,W,3]; `edge` float32 [B,H,W,1]; attributes float32
+[B]; `weight` float32 [B] (0 for padding). Only the features the requested tasks need are decoded.
+
+Order and sharding. Example i of a split (in manifest order) belongs to process i mod P in evaluation.
+In training, one permutation of all examples, drawn from (seed, epoch) alone, is dealt round-robin to the
+processes, so the processes see disjoint examples and a run resumed at an epoch boundary sees the same
+order as an uninterrupted one. Small splits are decoded once and cached in memory (the permutation is then
+exact); large splits are streamed with a seeded file shuffle and a seeded shuffle buffer, which is
+deterministic too but not a uniform permutation.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Iterator
+
+import numpy as np
+
+from mtl_sparse_jax import data_spec
+from mtl_sparse_jax.data_spec import DataError
+
+DEPTH_NORMS = ("reference", "fixed", "none")
+AUTO_CACHE_MAX_BYTES = 1 << 30  # splits whose shards are smaller are decoded once and kept in memory
+STREAM_SHUFFLE_BUFFER = 2048
+_DECODED_CACHE: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
+_DECODED_CACHE_ENTRIES = 4  # train, val and test of one dataset, plus one spare
+
+_tf_module = None
+
+
+def _tf():
+    """Imports TensorFlow on first use, with all GPUs hidden from it."""
+    global _tf_module
+    if _tf_module is None:
+        import tensorflow as tf  # noqa: PLC0415
+
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TF was initialised elsewhere first; nothing more can be done here
+            pass
+        _tf_module = tf
+    return _tf_module
+
+
+# --------------------------------------------------------------------------------------------------
+# Public helpers on the manifest
+# --------------------------------------------------------------------------------------------------
+
+def num_examples(data_dir: str, split: str) -> int:
+    manifest = data_spec.load_manifest(data_dir, verify="none")
+    return data_spec.split_entry(manifest, split, data_dir)["num_examples"]
+
+
+def steps_per_epoch(data_dir: str, split: str, batch_size: int, *, train: bool, process_count: int = 1) -> int:
+    """Batches each process yields per epoch (the same on every process)."""
+    return data_spec.steps_for(num_examples(data_dir, split), batch_size, train=train,
+                               process_count=process_count)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------
+
+def _pad_values() -> dict:
+    """Fill value of each batch key for padding examples (weight 0)."""
+    return {"seg": data_spec.IGNORE_LABEL, "id": b""}
+
+
+def _numpy_percentile_linear(sorted_values, q: float):
+    """np.percentile(..., method='linear') of an ascending float64 vector, with numpy's exact arithmetic."""
+    tf = _tf()
+    n = tf.cast(tf.size(sorted_values), tf.float64)
+    quantile = tf.constant(q / 100.0, tf.float64)
+    virtual = n * quantile + (1.0 + quantile * (1.0 - 1.0 - 1.0)) - 1.0
+    previous = tf.floor(virtual)
+    gamma = virtual - previous
+    last = tf.size(sorted_values) - 1
+    lo = tf.clip_by_value(tf.cast(previous, tf.int32), 0, last)
+    hi = tf.clip_by_value(tf.cast(previous, tf.int32) + 1, 0, last)
+    a, b = sorted_values[lo], sorted_values[hi]
+    diff = b - a
+    return tf.where(gamma >= 0.5, b - diff * (1.0 - gamma), a + diff * gamma)
+
+
+def _normalise_depth(depth, depth_norm: str, depth_max_m: float):
+    """depth float32 [H,W] in metres -> (normalised float32 [H,W,1], valid uint8 [H,W,1], scale float32 [])."""
+    tf = _tf()
+    valid = tf.logical_and(depth > 0, tf.math.is_finite(depth))
+    if depth_norm == "reference":
+        # The reference loader: divide by the image's maximum, then clip to [0.1, p99] of the divided map,
+        # in float64 as numpy does. Invalid zeros become 0.1; depth_valid keeps them identifiable.
+        d = tf.cast(depth, tf.float64)
+        maximum = tf.reduce_max(d)
+        scale = tf.where(maximum > 0, maximum, tf.ones_like(maximum))
+        divided = d / scale
+        p99 = _numpy_percentile_linear(tf.sort(tf.reshape(divided, [-1])), 99.0)
+        normalised = tf.minimum(tf.maximum(divided, tf.constant(0.1, tf.float64)), p99)
+    elif depth_norm == "fixed":
+        scale = tf.constant(depth_max_m, tf.float64)
+        normalised = tf.clip_by_value(tf.cast(depth, tf.float64) / scale, 0.0, 1.0)
+    else:
+        scale = tf.constant(1.0, tf.float64)
+        normalised = tf.cast(depth, tf.float64)
+    return (tf.cast(normalised, tf.float32)[..., None], tf.cast(valid, tf.uint8)[..., None],
+            tf.cast(scale, tf.float32))
+
+
+def _make_decoder(features, image_size, depth_norm: str, depth_max_m: float, with_ids: bool):
+    """serialized tf.train.Example -> dict of compact tensors (uint8 image/seg/valid, float32 maps)."""
+    tf = _tf()
+    height, width = image_size
+    description = {"id": tf.io.FixedLenFeature([], tf.string)}
+    for name in features:
+        kind = data_spec.FEATURE_SPECS[name]["encoding"]
+        description[name] = tf.io.FixedLenFeature([], tf.int64 if kind == "int64" else tf.string)
+
+    def raw_f32(value, shape):
+        return tf.reshape(tf.io.decode_raw(value, tf.float32, little_endian=True), shape)
+
+    def decode(serialized):
+        parsed = tf.io.parse_single_example(serialized, description)
+        out = {}
+        for name in features:
+            value = parsed[name]
+            if name == "image":
+                image = tf.io.decode_png(value, channels=3)
+                out["image"] = tf.ensure_shape(image, [height, width, 3])
+            elif name == "seg":
+                out["seg"] = tf.ensure_shape(tf.io.decode_png(value, channels=1)[..., 0], [height, width])
+            elif name == "depth":
+                out["depth"], out["depth_valid"], out["depth_scale"] = _normalise_depth(
+                    raw_f32(value, [height, width]), depth_norm, depth_max_m)
+            elif name == "normals":
+                out["normals"] = raw_f32(value, [height, width, 3])
+            elif name == "edge":
+                out["edge"] = raw_f32(value, [height, width, 1])
+            else:
+                out[name] = value
+        out["weight"] = tf.constant(1.0, tf.float32)
+        if with_ids:
+            out["id"] = parsed["id"]
+        return out
+
+    return decode
+
+
+def _finalize_batch(batch):
+    """Compact batched tensors -> the batch contract's dtypes."""
+    tf = _tf()
+    out = {}
+    for key, value in batch.items():
+        if key == "image":
+            out[key] = tf.cast(value, tf.float32) / 255.0
+        elif key == "seg":
+            out[key] = tf.cast(value, tf.int32)
+        elif key == "depth_valid" or key in data_spec.ATTRIBUTE_FEATURES:
+            out[key] = tf.cast(value, tf.float32)
+        else:
+            out[key] = value
+    return out
+
+
+def _pad_batch_to(batch, batch_size: int):
+    """Pads a (possibly short) batch along axis 0 to batch_size with weight-0 examples."""
+    tf = _tf()
+    fills = _pad_values()
+    missing = batch_size - tf.shape(batch["weight"])[0]
+    out = {}
+    for key, value in batch.items():
+        fill_shape = tf.concat([[missing], tf.shape(value)[1:]], axis=0)
+        fill = tf.fill(fill_shape, tf.constant(fills.get(key, 0), dtype=value.dtype))
+        out[key] = tf.concat([value, fill], axis=0)
+    return out
+
+
+def _zero_batch(element_spec, batch_size: int):
+    tf = _tf()
+    fills = _pad_values()
+    return {key: tf.fill([batch_size] + spec.shape[1:].as_list(), tf.constant(fills.get(key, 0), spec.dtype))
+            for key, spec in element_spec.items()}
+
+
+def _epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
+    """Everything random about an epoch's order derives from (seed, epoch) and nothing else."""
+    sequence = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF])
+    file_seed, buffer_seed, permutation_seed = (int(s) & 0x7FFFFFFF for s in sequence.generate_state(3))
+    return np.random.default_rng(permutation_seed), file_seed, buffer_seed
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming (large splits) and cached (small splits) datasets
+# --------------------------------------------------------------------------------------------------
+
+def _record_dataset(files, *, shuffle_seed: int | None, interleave: bool):
+    tf = _tf()
+    files_ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_seed is not None:
+        files_ds = files_ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=False)
+    return files_ds.interleave(
+        tf.data.TFRecordDataset, cycle_length=min(4, len(files)) if interleave else 1, block_length=1,
+        **({"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True} if interleave else {}))
+
+
+def _streaming_dataset(files, decode, *, batch_size, train, seed, epoch, process_index, process_count, steps,
+                       num_total):
+    tf = _tf()
+    _, file_seed, buffer_seed = _epoch_seeds(seed, epoch)
+    ds = _record_dataset(files, shuffle_seed=file_seed if train else None, interleave=train)
+    ds = ds.shard(process_count, process_index)
+    if train:
+        buffer = min(STREAM_SHUFFLE_BUFFER, max(1, num_total // process_count))
+        ds = ds.shuffle(buffer, seed=buffer_seed, reshuffle_each_iteration=False).take(steps * batch_size)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if train:
+        return ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size).map(lambda b: _pad_batch_to(b, batch_size))
+    # Every process yields `steps` batches, so a process with one example fewer adds a padding batch.
+    padding = tf.data.Dataset.from_tensors(_zero_batch(ds.element_spec, batch_size)).repeat()
+    return ds.concatenate(padding).take(steps)
+
+
+def _decoded_split(files, decode, cache_key) -> dict:
+    """All examples of a split, decoded (compact dtypes), in manifest order, as TF tensors in host memory."""
+    if cache_key in _DECODED_CACHE:
+        _DECODED_CACHE.move_to_end(cache_key)
+        return _DECODED_CACHE[cache_key]
+    tf = _tf()
+    ds = _record_dataset(files, shuffle_seed=None, interleave=False)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(256)
+    parts = collections.defaultdict(list)
+    for batch in ds.as_numpy_iterator():
+        for key, value in batch.items():
+            parts[key].append(value)
+    with tf.device("/CPU:0"):
+        arrays = {key: tf.constant(np.concatenate(values, axis=0)) for key, values in parts.items()}
+    _DECODED_CACHE[cache_key] = arrays
+    while len(_DECODED_CACHE) > _DECODED_CACHE_ENTRIES:
+        _DECODED_CACHE.popitem(last=False)
+    return arrays
+
+
+def _cached_dataset(arrays, *, batch_size, train, seed, epoch, process_index, process_count, steps, num_total):
+    tf = _tf()
+    if train:
+        rng, _, _ = _epoch_seeds(seed, epoch)
+        mine = rng.permutation(num_total)[process_index::process_count][:steps * batch_size]
+    else:
+        mine = np.arange(num_total)[process_index::process_count]
+        mine = np.concatenate([mine, np.full(steps * batch_size - len(mine), -1)])
+    index_batches = mine.astype(np.int64).reshape(steps, batch_size)
+    fills = _pad_values()
+
+    def gather(indices):
+        present = indices >= 0
+        safe = tf.maximum(indices, 0)
+        out = {}
+        for key, table in arrays.items():
+            values = tf.gather(table, safe)
+            mask = tf.reshape(present, [-1] + [1] * (len(table.shape) - 1))
+            out[key] = tf.where(mask, values, tf.constant(fills.get(key, 0), table.dtype))
+        return out
+
+    return tf.data.Dataset.from_tensor_slices(index_batches).map(gather, num_parallel_calls=tf.data.AUTOTUNE,
+                                                                 deterministic=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+def make_dataset(data_dir: str, split: str, *, tasks, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
+                 depth_norm: str = "reference", depth_max_m: float = 10.0, process_index: int | None = None,
+                 process_count: int | None = None, cache: bool | None = None, prefetch: int = 2,
+                 with_ids: bool = False, verify: str = "size"):
+    """One epoch of `split` for this process, as a tf.data.Dataset of batch dicts (see the module docstring).
+
+    batch_size: the per-process batch. train=True: order from (seed, epoch), drop_remainder, weight 1.
+    train=False: manifest order, every example of this process once, last batch padded with weight-0
+    examples. Every process yields the same number of batches, `steps_per_epoch(...)`.
+    cache: keep the decoded split in memory (None: when its shards total < 1 GiB).
+    with_ids: also yield 'id' (bytes [B], b'' for padding). verify: see data_spec.load_manifest.
+    """
+    if depth_norm not in DEPTH_NORMS:
+        raise ValueError(f"depth_norm must be one of {DEPTH_NORMS}, got {depth_norm!r}")
+    if not depth_max_m > 0:
+        raise ValueError(f"depth_max_m must be positive, got {depth_max_m}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if process_index is None or process_count is None:
+        import jax  # noqa: PLC0415  (only when the caller leaves the process layout to JAX)
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+
+    data_dir = os.fspath(data_dir)
+    manifest = data_spec.load_manifest(data_dir, verify="none")
+    entry = data_spec.split_entry(manifest, split, data_dir)
+    features = data_spec.features_for_tasks(manifest, list(tasks), data_dir)
+    if verify != "none":
+        data_spec.verify_split_shards(data_dir, manifest, split, verify=verify)
+    num_total = entry["num_examples"]
+    steps = data_spec.steps_for(num_total, batch_size, train=train, process_count=process_count)
+    if steps == 0:
+        raise DataError(f"split '{split}' of {data_dir} has {num_total} examples, fewer than one batch of "
+                        f"{batch_size} per process for {process_count} process(es); lower the batch size")
+    files = [os.path.join(data_dir, shard["file"]) for shard in entry["shards"]]
+    image_size = tuple(manifest["image_size"])
+    tf = _tf()
+    decode = _make_decoder(features, image_size, depth_norm, float(depth_max_m), with_ids)
+    split_bytes = sum(shard["bytes"] for shard in entry["shards"])
+    if cache is None:
+        cache = split_bytes < AUTO_CACHE_MAX_BYTES
+    layout = dict(batch_size=batch_size, train=train, seed=seed, epoch=epoch, process_index=process_index,
+                  process_count=process_count, steps=steps, num_total=num_total)
+    if cache:
+        cache_key = (os.path.abspath(data_dir), split, tuple(features), depth_norm, float(depth_max_m), with_ids,
+                     tuple((s["file"], s["sha256"], s["bytes"]) for s in entry["shards"]))
+        try:
+            arrays = _decoded_split(files, decode, cache_key)
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            raise _corruption_error(data_dir, manifest, split, e) from None
+        ds = _cached_dataset(arrays, **layout)
+    else:
+        ds = _streaming_dataset(files, decode, **layout)
+    ds = ds.map(_finalize_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.with_options(options)
+    return ds.prefetch(prefetch) if prefetch else ds
+
+
+def iterate_batches(data_dir: str, split: str, **kwargs) -> Iterator[dict]:
+    """make_dataset(...) as numpy batches; a corrupted shard raises DataError naming it."""
+    tf = _tf()
+    ds = make_dataset(data_dir, split, **kwargs)
+    try:
+        yield from ds.as_numpy_iterator()
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        manifest = data_spec.load_manifest(data_dir, verify="none")
+        raise _corruption_error(data_dir, manifest, split, e) from None
+
+
+def _corruption_error(data_dir, manifest, split, error) -> DataError:
+    """Finds the shard that fails its checksum, to name it; falls back to the split."""
+    try:
+        data_spec.verify_split_shards(data_dir, manifest, split, verify="sha256")
+    except DataError as named:
+        return named
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DataError(f"split '{split}' of {data_dir} cannot be decoded ({first_line}); its shards match their "
+                     f"checksums, so the converter wrote bad data: rerun it into an empty directory")
