@@ -64,8 +64,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not tasks:
     raise ConfigError("config key 'tasks' is empty; list at least one task, e.g. --config.tasks=\"('seg',)\"")
   for t in tasks:
-    if t not in tasks_lib.TASKS:
-      raise ConfigError(f"unknown task '{t}' in config key 'tasks'; known tasks: {sorted(tasks_lib.TASKS)}")
+    if t not in tasks_lib.task_names():
+      raise ConfigError(f"unknown task '{t}' in config key 'tasks'; known tasks: {list(tasks_lib.task_names())}")
   if len(set(tasks)) != len(tasks):
     raise ConfigError(f"config key 'tasks' lists a task twice: {list(tasks)}")
   for key in ('batch_size', 'eval_batch_size', 'num_trials'):

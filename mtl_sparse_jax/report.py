@@ -157,11 +157,10 @@ def plot_sparsity_curve(history: Sequence[dict], path: str) -> None:
 
 def result_columns(results: Sequence[dict], tasks: dict) -> list[str]:
   """Per task its metrics (paper family first, as the paper's tables), then the sparsity columns."""
-  from mtl_sparse_jax import tasks as tasks_lib
   cols = []
   for name, task in tasks.items():
     keys = [k for k in results[0] if k.startswith(f'{name}/')]
-    paper = [k for k in tasks_lib.paper_columns(task) if k in keys]
+    paper = [k for k in task.paper_metrics if k in keys]
     cols.extend(paper + [k for k in keys if k not in paper])
   return cols + [c for c in SPARSITY_COLUMNS if c in results[0]]
 

@@ -212,7 +212,7 @@ class Trainer:
                                      fixed_weights=self.fixed_weights)
 
   def _init_train_stats(self):
-    stats = {name: task.init_stats() for name, task in self.tasks.items()}
+    stats = {name: task.init_stats() for name, task in self.tasks.items()} if self.config.log.train_metrics else {}
     stats['_loss'] = {k: jnp.zeros((), jnp.float32) for k in ('total', 'count', *self.task_names)}
     return stats
 
@@ -257,24 +257,17 @@ class Trainer:
     return new_state, step_losses, train_stats
 
   def _eval_step_impl(self, params, batch_stats, acc, batch, rng, *, train_mode: bool):
-    model_params, loss_weights = _split_params(params)
+    model_params, _ = _split_params(params)
     variables = {'params': model_params, 'batch_stats': batch_stats}
     if train_mode:
       outputs, _ = self.model.apply(variables, batch['image'], train=True, mutable=['batch_stats'],
                                     rngs={'dropout': rng})
     else:
       outputs = self.model.apply(variables, batch['image'], train=False)
-    acc = dict(acc)
-    for name, task in self.tasks.items():
-      num, den = task.loss_terms(outputs[name], batch)
-      acc['_loss'] = {**acc['_loss'], name: acc['_loss'][name] + jnp.stack([num, den])}
-      acc[name] = task.update_stats(acc[name], outputs[name], batch)
-    return acc
+    return {name: task.update_stats(acc[name], outputs[name], batch) for name, task in self.tasks.items()}
 
   def _init_eval_acc(self):
-    acc = {name: task.init_stats() for name, task in self.tasks.items()}
-    acc['_loss'] = {name: jnp.zeros((2,), jnp.float32) for name in self.task_names}
-    return acc
+    return {name: task.init_stats() for name, task in self.tasks.items()}
 
   # -- host-side loops --------------------------------------------------------------------------------------------
 
@@ -303,10 +296,10 @@ class Trainer:
     out: dict[str, float] = {}
     task_losses = {}
     for name, task in self.tasks.items():
-      num, den = acc['_loss'][name]
-      task_losses[name] = float(num / max(den, 1e-12))
+      values = task.finalize(acc[name])
+      task_losses[name] = values.pop(f'{name}/loss')
       out[f'loss/{name}'] = task_losses[name]
-      out.update({k: float(v) for k, v in task.finalize(acc[name]).items()})
+      out.update({k: float(v) for k, v in values.items()})
     lw = params[LOSS_WEIGHTS_KEY] if loss_weights is None else loss_weights
     all_active = {t: jnp.ones((), jnp.float32) for t in self.task_names}
     out['loss/total'] = float(self._total({k: jnp.float32(v) for k, v in task_losses.items()}, lw,
@@ -410,6 +403,8 @@ def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dic
     es = EarlyStopper(**meta['early_stopping'])
     task_es = {t: EarlyStopper(**v) for t, v in meta['task_early_stopping'].items()}
     start_epoch = meta['epoch'] + 1
+    # The config may change lr or lam between runs; the restored optimizer state takes the config's values.
+    state = trainer.set_hyperparams(state, learning_rate=config.optimizer.lr, lam=config.sparsity.lam)
     jsonl.rewrite(history)
     print(f'trial {trial}: resumed from epoch {meta["epoch"]} ({trial_dir})', flush=True)
   else:
@@ -420,6 +415,7 @@ def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dic
   tb = report.SummaryWriter(trial_dir)
   rng = jax.random.PRNGKey(seed + 10_000)
   done = es.stopped or all(s.stopped for s in task_es.values())
+  host_step = int(state.step)
   for epoch in range(start_epoch, config.num_epochs):
     if done:
       break
@@ -435,7 +431,8 @@ def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dic
       state, step_losses, train_stats = trainer._train_step(state, batch, rng, train_stats)
       if pending is not None:  # check the previous step's losses while this one runs
         _check_finite(pending[0], epoch, jax.device_get(pending[1]), ckpts.directory, last_good)
-      pending = (int(state.step), step_losses)
+      host_step += 1
+      pending = (host_step, step_losses)
       if i == 0:
         jax.block_until_ready(step_losses)
         t1 = time.perf_counter()  # steady-state timing excludes the first (compiling) step
@@ -462,7 +459,9 @@ def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dic
                  'images_per_sec': images_per_sec}
     if config.log.train_metrics:
       for name, task in trainer.tasks.items():
-        train_rec.update({k: float(v) for k, v in task.finalize(ts[name]).items()})
+        values = task.finalize(ts[name])
+        values.pop(f'{name}/loss')
+        train_rec.update({k: float(v) for k, v in values.items()})
     val = trainer.evaluate(state.params, state.batch_stats, batches('val', False, epoch, eval_batch), seed=seed)
     val_rec = {**common, 'split': 'val', **val, 'images_per_sec': images_per_sec}
     bar.set_postfix_str(report.postfix(val_rec, trainer.tasks))
