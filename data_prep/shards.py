@@ -110,7 +110,8 @@ def serialize_example(example: Mapping[str, Any]) -> bytes:
             features[name] = bytes_feature(np.ascontiguousarray(value, dtype="<f4").tobytes())
         else:
             features[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # deterministic=True sorts the feature map, so that a rebuilt shard is byte-identical to the original.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def _hide_gpus_from_tf() -> None:
