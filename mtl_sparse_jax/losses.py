@@ -88,6 +88,12 @@ def _pixel_weights(weight, spatial_shape):
     return jnp.broadcast_to(weight[:, None, None], (weight.shape[0],) + tuple(spatial_shape))
 
 
+def _masked_sum(mask, weights, values):
+    """sum(weights * values) over ``mask``; `where`, not a product, so garbage (inf/NaN) in padding or in
+    ignored pixels cannot leak into the sum."""
+    return jnp.sum(jnp.where(mask & (weights > 0), weights * jnp.where(mask, values, 0.0), 0.0))
+
+
 def weighted_pixel_count(weight, spatial_shape):
     """Number of non-padded pixels: sum_b weight_b * h * w."""
     return jnp.sum(weight) * float(spatial_shape[0] * spatial_shape[1])
@@ -141,12 +147,13 @@ def segmentation_loss_terms(
     weight = example_weights(batch, raw.shape[0])
     log_probs, labels = segmentation_log_probs_and_labels(raw, labels, loss_resolution)
     num_logits = log_probs.shape[-1]
-    valid = (labels != ignore_label).astype(jnp.float32) * _pixel_weights(weight, labels.shape[1:3])
-    safe_labels = jnp.where(labels == ignore_label, 0, labels)
+    # Labels outside [0, num_logits) (the ignore label, or garbage in padding) are ignored.
+    valid = (labels != ignore_label) & (labels >= 0) & (labels < num_logits)
+    safe_labels = jnp.where(valid, labels, 0)
     nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
     smooth = -jnp.sum(log_probs, axis=-1)
     per_pixel = (1.0 - label_smoothing) * nll + (label_smoothing / num_logits) * smooth
-    numerator = jnp.sum(valid * per_pixel)
+    numerator = _masked_sum(valid, _pixel_weights(weight, labels.shape[1:3]), per_pixel)
     return numerator, weighted_pixel_count(weight, labels.shape[1:3])
 
 
@@ -169,10 +176,10 @@ def depth_loss_terms(raw, batch, *, loss_resolution="feature", task="depth", tar
     pred, target = depth_prediction_and_target(raw, target, loss_resolution)
     # The reference multiplies prediction and target by this mask and then takes a plain mean, so masked
     # pixels contribute 0 but still count in the denominator.
-    mask = jnp.isfinite(target) & (target > 0)
-    diff = jnp.where(mask, pred - jnp.where(mask, target, 0.0), 0.0)[..., 0]
-    numerator = jnp.sum(_pixel_weights(weight, diff.shape[1:3]) * diff**2)
-    return numerator, weighted_pixel_count(weight, diff.shape[1:3])
+    mask = (jnp.isfinite(target) & (target > 0))[..., 0]
+    diff = pred[..., 0] - jnp.where(mask, target[..., 0], 0.0)
+    numerator = _masked_sum(mask, _pixel_weights(weight, mask.shape[1:3]), diff**2)
+    return numerator, weighted_pixel_count(weight, mask.shape[1:3])
 
 
 def l2_normalize(v, eps=NORMALIZE_EPS):
@@ -202,9 +209,10 @@ def normals_loss_terms(raw, batch, *, loss_resolution="feature", task="normals",
     _check_target(target, raw, target_key, 3)
     weight = example_weights(batch, raw.shape[0])
     pred, target = normals_prediction_and_target(raw, target, loss_resolution)
-    valid = normals_valid_mask(target).astype(jnp.float32) * _pixel_weights(weight, target.shape[1:3])
+    valid = normals_valid_mask(target)
+    pixel_weights = _pixel_weights(weight, target.shape[1:3])
     cos = jnp.sum(l2_normalize(pred) * l2_normalize(target), axis=-1)
-    return jnp.sum(valid * (1.0 - cos)), jnp.sum(valid)
+    return _masked_sum(valid, pixel_weights, 1.0 - cos), _masked_sum(valid, pixel_weights, jnp.ones_like(cos))
 
 
 def huber(x, delta):
@@ -231,7 +239,8 @@ def edge_loss_terms(raw, batch, *, delta=0.2, loss_resolution="feature", task="e
     weight = example_weights(batch, raw.shape[0])
     pred, target = edge_prediction_and_target(raw, target, loss_resolution)
     per_pixel = huber(pred - target, delta)[..., 0]
-    numerator = jnp.sum(_pixel_weights(weight, per_pixel.shape[1:3]) * per_pixel)
+    everywhere = jnp.ones(per_pixel.shape, bool)
+    numerator = _masked_sum(everywhere, _pixel_weights(weight, per_pixel.shape[1:3]), per_pixel)
     return numerator, weighted_pixel_count(weight, per_pixel.shape[1:3])
 
 
@@ -254,7 +263,8 @@ def attribute_loss_terms(raw, batch, *, double_sigmoid=False, task="male", targe
     weight = example_weights(batch, logits.shape[0])
     if double_sigmoid:
         logits = jax.nn.sigmoid(logits)
-    return jnp.sum(weight * binary_cross_entropy_with_logits(logits, labels)), jnp.sum(weight)
+    everywhere = jnp.ones(logits.shape, bool)
+    return _masked_sum(everywhere, weight, binary_cross_entropy_with_logits(logits, labels)), jnp.sum(weight)
 
 
 # ---------------------------------------------------------------------------------------------------------

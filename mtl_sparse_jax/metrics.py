@@ -194,7 +194,7 @@ def depth_update_stats(stats, raw, batch, *, target_key="depth", valid_key="dept
         "abs_sum_paper": stats["abs_sum_paper"] + jnp.sum(jnp.abs(err_small)),
         "sq_sum_paper": stats["sq_sum_paper"] + jnp.sum(err_small**2),
         "count_paper": stats["count_paper"] + jnp.sum(mask_small).astype(jnp.int32),
-        "abs_sum_m": stats["abs_sum_m"] + jnp.sum(abs_err * scale[:, None, None]),
+        "abs_sum_m": stats["abs_sum_m"] + jnp.sum(jnp.where(mask_full, abs_err * scale[:, None, None], 0.0)),
         "rel_sum": stats["rel_sum"] + jnp.sum(abs_err / safe_t),
         "count": stats["count"] + jnp.sum(mask_full).astype(jnp.int32),
     }
