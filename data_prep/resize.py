@@ -43,26 +43,25 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
 def resize_bilinear(array: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize [H, W] or [H, W, C] to [height, width(, C)] bilinearly, half-pixel centres, no antialias.
 
-    Returns float32. Integer input (e.g. a uint8 image) is resized as float; round it yourself if needed.
-    Zeros are interpolated like any other value, as in the reference (e.g. invalid depth blends with neighbours).
+    Returns float32, computed in float32 as PyTorch does for float32 tensors. Integer input (e.g. a uint8 image)
+    is resized as float; round it yourself if needed. Zeros are interpolated like any other value, as in the
+    reference (e.g. invalid depth blends with its neighbours).
     """
     array = np.asarray(array)
     if array.ndim not in (2, 3):
         raise ValueError(f"resize_bilinear expects [H,W] or [H,W,C], got shape {array.shape}")
-    x = array.astype(np.float64, copy=False)
-    in_h, in_w = x.shape[:2]
+    in_h, in_w = array.shape[:2]
     if (in_h, in_w) == (height, width):
-        return x.astype(np.float32)
+        return array.astype(np.float32)
     r0, r1, rw0, rw1 = _bilinear_taps(in_h, height)
     c0, c1, cw0, cw1 = _bilinear_taps(in_w, width)
-    extra = (1,) * (x.ndim - 2)
-    rw0 = rw0.reshape((-1, 1) + extra)
-    rw1 = rw1.reshape((-1, 1) + extra)
-    rows = x[r0] * rw0 + x[r1] * rw1
-    cw0 = cw0.reshape((1, -1) + extra)
-    cw1 = cw1.reshape((1, -1) + extra)
-    out = rows[:, c0] * cw0 + rows[:, c1] * cw1
-    return out.astype(np.float32)
+    extra = (1,) * (array.ndim - 2)
+    # Rows first, gathering in the input dtype: the float work is then on height×in_w, not in_h×in_w, pixels.
+    rows = array[r0].astype(np.float32) * rw0.astype(np.float32).reshape((-1, 1) + extra)
+    rows += array[r1].astype(np.float32) * rw1.astype(np.float32).reshape((-1, 1) + extra)
+    out = rows[:, c0] * cw0.astype(np.float32).reshape((1, -1) + extra)
+    out += rows[:, c1] * cw1.astype(np.float32).reshape((1, -1) + extra)
+    return out
 
 
 def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
