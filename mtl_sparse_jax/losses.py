@@ -22,8 +22,9 @@ Reference semantics reproduced (see docs and the README "tasks" section):
 * attributes: binary cross-entropy with logits, one sigmoid. ``double_sigmoid=True`` reproduces the
   reference, which fed the head's sigmoid probability into ``BCEWithLogitsLoss``.
 
-Combiners (``combine_losses``): ``'uncertainty'`` (paper Eq. 2 with trainable log-variances), ``'uncertainty_reference'``
-(what the reference code computes: ``exp(-s) L + s`` with s fixed at 1, never trained), ``'sum'`` and ``'fixed'``.
+Combiners (``combine_losses``): ``'uncertainty'`` (paper Eq. 2 with trainable log-variances),
+``'uncertainty_reference'`` (what the reference code computes: ``exp(-s) L + s`` with s fixed at 1; the
+reference created its log-variances but never gave them to an optimizer), ``'sum'`` and ``'fixed'``.
 """
 
 from __future__ import annotations

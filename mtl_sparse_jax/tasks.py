@@ -48,9 +48,13 @@ PAPER_TABLE_COLUMNS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Task:
-    """One task: what its head outputs, how raw outputs become predictions, its loss and its metrics."""
+    """One task: what its head outputs, how raw outputs become predictions, its loss and its metrics.
+
+    Two tasks are equal when their name, options and declared outputs are (the functions are built from these
+    by the registry), so an equal task built again does not retrace a jitted step that takes it as static.
+    """
 
     name: str
     head: str  # 'deeplab' | 'classification'
@@ -66,6 +70,15 @@ class Task:
     stats_update_fn: Callable[[Any, Any, Mapping], Any]
     stats_finalize_fn: Callable[[Any], dict]
     options: tuple[tuple[str, Any], ...] = ()
+
+    def _identity(self):
+        return (self.name, self.head, self.out_channels, self.target_keys, self.metric_directions, self.options)
+
+    def __eq__(self, other):
+        return isinstance(other, Task) and self._identity() == other._identity()
+
+    def __hash__(self):
+        return hash(self._identity())
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
@@ -103,7 +116,8 @@ class Task:
 
     def finalize(self, stats) -> dict[str, float]:
         """Host side: ``{'<task>/<metric>': float}`` for the whole split, plus ``'<task>/loss'``."""
-        out = {f"{self.name}/loss": float(losses.loss_from_terms(*jax.device_get((stats["loss_num"], stats["loss_den"]))))}
+        numerator, denominator = jax.device_get((stats["loss_num"], stats["loss_den"]))
+        out = {f"{self.name}/loss": float(losses.loss_from_terms(numerator, denominator))}
         out.update(self.stats_finalize_fn(stats["metric"]))
         return out
 

@@ -44,7 +44,9 @@ def numpy_bilinear(x, out_h, out_w):
 
 
 # Down- and up-sampling, integer and non-integer ratios, and mixed (down in H, up in W).
-SIZES = [((13, 11), (5, 4)), ((7, 9), (3, 7)), ((5, 4), (13, 11)), ((3, 8), (8, 3)), ((16, 16), (2, 2)), ((6, 10), (9, 15))]
+SIZES = [
+    ((13, 11), (5, 4)), ((7, 9), (3, 7)), ((5, 4), (13, 11)), ((3, 8), (8, 3)), ((16, 16), (2, 2)), ((6, 10), (9, 15)),
+]
 
 
 @pytest.mark.parametrize("in_size,out_size", SIZES)
