@@ -65,6 +65,17 @@ def test_bilinear_matches_numpy_loops(in_size, out_size):
     np.testing.assert_allclose(got, numpy_bilinear(x, *out_size), rtol=1e-5, atol=1e-6)
 
 
+def test_nearest_rounds_like_pytorch_in_float32():
+    """PyTorch computes floor(dst * float32(in/out)) in float32; for 62 -> 224 that differs from exact arithmetic."""
+    x = np.arange(62, dtype=np.int32).reshape(1, 62, 1)
+    scale = np.float32(62) / np.float32(224)
+    float32_rule = np.minimum(np.floor(np.arange(224, dtype=np.float32) * scale).astype(int), 61)
+    exact_rule = np.minimum(np.arange(224) * 62 // 224, 61)
+    assert (float32_rule != exact_rule).any()
+    got = np.asarray(resize_nearest_torch(x, (224, 1)))[0, :, 0]
+    np.testing.assert_array_equal(got, float32_rule)
+
+
 def test_nearest_keeps_integer_labels_and_3d_arrays():
     labels = np.arange(2 * 12 * 10, dtype=np.int32).reshape(2, 12, 10) % 41
     labels[0, 0, 0] = 255
