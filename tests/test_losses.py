@@ -62,6 +62,18 @@ def test_segmentation_smoothing_uses_number_of_logits():
     assert float(jax.jit(task.loss)(jnp.asarray(logits), batch)) == pytest.approx(expected, rel=1e-6)
 
 
+def test_segmentation_gradient_is_softmax_minus_smoothed_target():
+    """d loss / d z = (softmax(z) - (0.9 onehot(y) + 0.1/C)) / N at labelled pixels, 0 at ignored ones."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(1, 2, 2, 3)).astype(np.float32)
+    labels = np.array([[[0, 2], [255, 1]]], np.int32)
+    grad = np.asarray(jax.jit(jax.grad(get_task("seg", num_classes=3).loss))(jnp.asarray(logits), {"seg": labels}))
+    p = np.exp(np_log_softmax(logits))
+    target = 0.9 * np.eye(3)[np.where(labels == 255, 0, labels)] + 0.1 / 3
+    want = np.where((labels != 255)[..., None], p - target, 0.0) / 4
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+
+
 def test_segmentation_input_resolution_upsamples_logits():
     # A 1x1 logit map upsamples to the same logits at every input pixel.
     logits = np.array([[[[1.0, -2.0, 0.5]]]], np.float32)
