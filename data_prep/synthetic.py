@@ -138,19 +138,10 @@ def render_scene(rng: np.random.Generator, image_size: int, num_classes: int = 6
         (FLOOR, np.array([0.0, -1.0, 0.0]), -floor_y),
         (CEILING, np.array([0.0, 1.0, 0.0]), ceiling_y),
     ]
-    shape = rays.shape[:2]
-    best_t = np.full(shape, np.inf)
-    seg = np.zeros(shape, np.uint8)
-    normals = np.zeros(shape + (3,), np.float64)
-    albedo = np.zeros(shape + (3,), np.float64)
+    hits = []  # (t [H,W], class, normals [3] or [H,W,3], albedo [3]); the nearest hit per pixel wins
 
     def composite(t, cls, surface_normals, colour):
-        nonlocal best_t
-        closer = t < best_t
-        best_t = np.where(closer, t, best_t)
-        seg[closer] = cls
-        normals[closer] = surface_normals[closer] if surface_normals.ndim == 3 else surface_normals
-        albedo[closer] = colour
+        hits.append((t, cls, surface_normals, colour))
 
     for cls, normal, offset in planes:
         composite(_hit_plane(rays, normal, offset), cls, normal, CLASS_ALBEDO[cls])
@@ -182,7 +173,15 @@ def render_scene(rng: np.random.Generator, image_size: int, num_classes: int = 6
             t = _hit_panel(rays, centre, normal, e1, e2, rng.uniform(0.3, 0.8, 2))
             composite(t, cls, normal, colour)
 
-    depth = best_t  # finite everywhere: the room is closed on every side the camera can see
+    all_t = np.stack([hit[0] for hit in hits])
+    nearest = np.argmin(all_t, axis=0)  # ties go to the earlier surface
+    depth = np.take_along_axis(all_t, nearest[None], axis=0)[0]  # finite: the room is closed all round
+    seg = np.array([hit[1] for hit in hits], np.uint8)[nearest]
+    albedo = np.stack([hit[3] for hit in hits])[nearest]
+    normals = np.zeros(depth.shape + (3,))
+    for index, hit in enumerate(hits):
+        mask = nearest == index
+        normals[mask] = hit[2][mask] if hit[2].ndim == 3 else hit[2]
     hit_points = rays * depth[..., None]
     normals_cam = normals @ cam_to_world  # world -> camera is the transpose: n_cam = R^T n_world
 
