@@ -339,10 +339,23 @@ def make_dataset(data_dir: str, split: str, *, tasks, batch_size: int, train: bo
     return ds.prefetch(prefetch) if prefetch else ds
 
 
-def iterate_batches(data_dir: str, split: str, **kwargs) -> Iterator[dict]:
-    """make_dataset(...) as numpy batches; a corrupted shard raises DataError naming it."""
+def iterate_batches(data_dir: str, split: str, *, tasks, batch_size: int, train: bool, seed: int = 0,
+                    epoch: int = 0, depth_norm: str = "reference", depth_max_m: float = 10.0,
+                    process_index: int | None = None, process_count: int | None = None, cache: bool | None = None,
+                    prefetch: int = 2, with_ids: bool = False, verify: str = "size") -> Iterator[dict]:
+    """make_dataset(...) as dicts of numpy arrays; a corrupted shard raises DataError naming it.
+
+    Argument errors (a missing task, directory or manifest) are raised here, not at the first batch.
+    """
+    ds = make_dataset(data_dir, split, tasks=tasks, batch_size=batch_size, train=train, seed=seed, epoch=epoch,
+                      depth_norm=depth_norm, depth_max_m=depth_max_m, process_index=process_index,
+                      process_count=process_count, cache=cache, prefetch=prefetch, with_ids=with_ids,
+                      verify=verify)
+    return _numpy_batches(ds, data_dir, split)
+
+
+def _numpy_batches(ds, data_dir: str, split: str) -> Iterator[dict]:
     tf = _tf()
-    ds = make_dataset(data_dir, split, **kwargs)
     try:
         yield from ds.as_numpy_iterator()
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:

@@ -172,6 +172,9 @@ def test_task_missing_from_the_dataset_names_task_dir_and_available_tasks(tmp_pa
                                     process_index=0, process_count=1)
     message = str(info.value)
     assert "'depth'" in message and out in message and "['male']" in message
+    with pytest.raises(DataError, match="'depth'"):  # raised by the call itself, before any batch is drawn
+        input_pipeline.iterate_batches(out, "train", tasks=["depth"], batch_size=1, train=True, process_index=0,
+                                       process_count=1)
     with pytest.raises(DataError, match="split 'test'"):
         input_pipeline.make_dataset(out, "test", tasks=["male"], batch_size=1, train=True, process_index=0,
                                     process_count=1)
