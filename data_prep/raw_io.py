@@ -70,6 +70,8 @@ def read_label_image(path: str, max_label: int, what: str = "label") -> np.ndarr
                               "file") from None
     if array.ndim != 2:
         raise BadExampleError(f"{path}: {what} image has shape {array.shape}; expected [H, W]")
+    if array.dtype.kind == "f":  # truncating floats to ids would change labels silently
+        raise BadExampleError(f"{path}: {what} image holds floating-point values; expected integer class ids")
     labels = array.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() > max_label):
         raise BadExampleError(f"{path}: {what} values span [{labels.min()}, {labels.max()}], outside 0..{max_label}; "
