@@ -81,7 +81,9 @@ def save_contact_sheet(path: str, example: dict[str, np.ndarray], title: str = "
             ax.imshow(np.clip(value, 0, 1), interpolation="nearest")
             ax.set_title("image")
         else:
-            shown = ax.imshow(value[..., 0] if value.ndim == 3 else value, cmap="viridis", interpolation="nearest")
+            limits = {"vmin": 0.0, "vmax": 1.0} if name == "depth_valid" else {}
+            shown = ax.imshow(value[..., 0] if value.ndim == 3 else value, cmap="viridis", interpolation="nearest",
+                              **limits)
             label = name
             if name == "depth" and "depth_scale" in example:
                 label += f" (× {float(example['depth_scale']):.3g} m)"

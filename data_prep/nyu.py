@@ -89,8 +89,9 @@ def normals_from_depth(depth: np.ndarray, fx: float, fy: float, cx: float, cy: f
 
     Each pixel (u, v) with depth z is back-projected to P = ((u−cx)·z/fx, (v−cy)·z/fy, z) in the camera frame
     (x right, y down, z forward). With tangents T_u = P(u+1,v) − P(u−1,v) and T_v = P(u,v+1) − P(u,v−1), the
-    normal is T_v × T_u normalised, which faces the camera (n·P < 0). Pixels on the image border, or whose depth or any of the
-    four neighbours' depth is invalid (≤ 0 or not finite), get (0, 0, 0), the stored "invalid" value.
+    normal is T_v × T_u normalised, which faces the camera (n·P < 0). Pixels on the image border, or whose depth
+    or any of the four neighbours' depth is invalid (≤ 0 or not finite), get (0, 0, 0), the stored "invalid"
+    value.
     """
     depth = np.asarray(depth, dtype=np.float64)
     height, width = depth.shape
