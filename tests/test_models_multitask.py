@@ -183,6 +183,14 @@ def test_single_task_model_is_the_same_class_with_one_head():
     assert out["depth"].shape == (4, 4, 4, 1) and taps["stem"].shape == (4, 8, 8, 8)
 
 
+def test_head_specs_may_be_given_as_mappings_or_tuples():
+    model = MultiTaskModel([{"name": "depth", "kind": "deeplab", "out_channels": 1}, ("smile", "classification", 1)], **TINY)
+    x = jax.ShapeDtypeStruct(X_SHAPE, jnp.float32)
+    v = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x)
+    assert out["depth"].shape == (4, 4, 4, 1) and out["smile"].shape == (4,)
+
+
 def test_bad_head_specs_raise_value_errors():
     with pytest.raises(ValueError, match="kind"):
         HeadSpec("seg", "unet", 3)

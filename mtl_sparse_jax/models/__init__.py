@@ -3,7 +3,7 @@ and the multi-task model that shares one backbone pass between all heads."""
 
 from mtl_sparse_jax.models.heads import ClassificationHead, DeepLabHead
 from mtl_sparse_jax.models.layers import BatchNorm, Conv2d, Dense, max_pool_3x3_s2, uniform_fan_in
-from mtl_sparse_jax.models.multitask import HEAD_KINDS, HeadSpec, MultiTaskModel, head_param_name
+from mtl_sparse_jax.models.multitask import HEAD_KINDS, HeadSpec, MultiTaskModel, as_head_spec, head_param_name
 from mtl_sparse_jax.models.resnetd import (
     ResNetD,
     ResNetD18,
@@ -31,6 +31,7 @@ __all__ = [
     "ResNetD18",
     "ResNetD50",
     "ResNetD101",
+    "as_head_spec",
     "block_names",
     "conv_paths",
     "head_param_name",

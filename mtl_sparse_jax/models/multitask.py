@@ -12,7 +12,7 @@ times (effective momentum 1−0.9^T). ``reference_bn_updates=True`` reproduces t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -51,6 +51,19 @@ class HeadSpec:
             )
 
 
+def as_head_spec(spec) -> HeadSpec:
+    """A HeadSpec from a HeadSpec, a mapping with its fields, or a (name, kind, out_channels) sequence."""
+    if isinstance(spec, HeadSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return HeadSpec(**spec)
+    if isinstance(spec, Sequence) and not isinstance(spec, str) and len(spec) == 3:
+        return HeadSpec(*spec)
+    raise ValueError(
+        f"model heads must be HeadSpec(name, kind, out_channels), a mapping or a 3-tuple of those, got {spec!r}"
+    )
+
+
 def head_param_name(task: str) -> str:
     """Top-level params key of a task's head."""
     return f"head_{task}"
@@ -60,7 +73,7 @@ class MultiTaskModel(nn.Module):
     """Shared ResNetD backbone (applied once) with one head per ``HeadSpec``.
 
     Attributes:
-      heads: the task heads, in order.
+      heads: the task heads, in order (``HeadSpec``s; mappings or 3-tuples of their fields are accepted).
       depth: backbone depth (18, 50, 101).
       width_multiplier: backbone width multiplier.
       head_width_multiplier: scales head widths (DeepLab 256 channels; classification 64 conv, 32 dense).
@@ -83,7 +96,7 @@ class MultiTaskModel(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, taps: Sequence[str] = ()):
         """{task: raw output}; with ``taps`` (backbone tap names), ({task: raw output}, {tap: array})."""
-        specs = tuple(self.heads)
+        specs = tuple(as_head_spec(s) for s in self.heads)
         if not specs:
             raise ValueError("MultiTaskModel needs at least one HeadSpec (config model.heads / tasks is empty)")
         names = [s.name for s in specs]
