@@ -402,7 +402,7 @@ def _as_np(x) -> np.ndarray:
 
 
 def compact(params: Mapping, batch_stats: Mapping, model: nn.Module, *,
-            input_size: tuple[int, int]) -> CompactModel:
+            input_size: tuple[int, int], gather_readers: bool = True) -> CompactModel:
   """Physically removes the zeroed channels of a sparse ``ResNetD`` / ``MultiTaskModel`` (eval mode).
 
   Args:
@@ -411,6 +411,8 @@ def compact(params: Mapping, batch_stats: Mapping, model: nn.Module, *,
     model: the Flax module the params belong to; its depth and output stride define the graph.
     input_size: (H, W) of the images the compact model will see. Needed to fold constant channels through
       zero-padded convs; the result accepts other sizes only when no such map was needed.
+    gather_readers: a conv reading the residual stream gathers the channels it did not zero (fewest FLOPs).
+      False convolves the whole compact stream with zero rows instead (no gather; for comparison).
 
   Returns:
     A :class:`CompactModel` whose eval-mode outputs equal the model's (float32: to rounding).
@@ -525,6 +527,10 @@ def compact(params: Mapping, batch_stats: Mapping, model: nn.Module, *,
       src = n.inputs[0]
       src_layout = layout[src]
       used = np.flatnonzero(reads[n.name])
+      if not gather_readers and len(used):
+        # Convolve the whole compact input, with zero rows for the channels this conv does not read: more FLOPs,
+        # no gather of the activation.
+        used = np.asarray(src_layout)
       position = {int(c): p for p, c in enumerate(src_layout)}
       gather = tuple(position[int(c)] for c in used)
       if gather == tuple(range(len(src_layout))):
