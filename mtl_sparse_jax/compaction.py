@@ -650,6 +650,14 @@ def compact(params: Mapping, batch_stats: Mapping, model: nn.Module, *,
       widths=tuple(widths), depth=depth, output_stride=output_stride, input_size=input_size,
       feature_channels=int(width['features']), heads=heads, head_width_multiplier=float(head_wm))
   report = {
+      'summary': {
+          'convs': len(widths),
+          'convs_not_computed': [w.name for w in widths if w.out_compact == 0],
+          'input_channels_dense': sum(w.in_dense for w in widths),
+          'input_channels_compact': sum(w.in_compact for w in widths),
+          'output_channels_dense': sum(w.out_dense for w in widths),
+          'output_channels_compact': sum(w.out_compact for w in widths),
+      },
       'input_size': list(input_size),
       'dense_conv_flops_per_image': _conv_flops(definition, 1, compact=False),
       'compact_conv_flops_per_image': _conv_flops(definition, 1, compact=True),
