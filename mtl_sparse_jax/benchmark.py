@@ -300,7 +300,7 @@ def bench_setup(setup: BenchSetup, *, batch_sizes: Sequence[int], dtypes: Sequen
           row['compact']['xla_flop_reduction'] = row['dense']['flops'] / row['compact']['flops']
         log(f"{variant:9s} {dtype_name:8s} b={batch:<3d} dense {row['dense']['latency_ms_median']:9.2f} ms  "
             f"compact {row['compact']['latency_ms_median']:9.2f} ms  speedup {speedup:5.2f}x  "
-            f"(conv FLOPs /{row['dense']['conv_flops'] / max(1, row['compact']['conv_flops']):.2f})")
+            f"(backbone conv FLOPs /{row['dense']['conv_flops'] / max(1, row['compact']['conv_flops']):.2f})")
   result['max_abs_diff_compact_vs_dense'] = max(max_diff.values()) if max_diff else None
   result['max_abs_diff_compact_vs_dense_per_variant'] = max_diff
   result['max_abs_dense_output_per_variant'] = scale  # the scale the differences are relative to
@@ -321,16 +321,17 @@ def markdown_table(result: dict) -> str:
            f"max |compact − dense| (fp32) {result['max_abs_diff_compact_vs_dense']:.2e}. "
            f"{result['machine']}, {result['date']}.", '',
            '| variant | dtype | batch | dense ms (median / p90) | compact ms (median / p90) | speedup | '
-           'conv FLOP reduction | dense img/s | compact img/s |',
-           '|---|---|---|---|---|---|---|---|---|']
+           'FLOP reduction (XLA) | backbone conv FLOP reduction | dense img/s | compact img/s |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   rows: dict[tuple, dict] = {}
   for r in result['results']:
     rows.setdefault((r['variant'], r['dtype'], r['batch_size']), {})[r['model']] = r
   for (variant, dtype, batch), pair in rows.items():
     d, c = pair['dense'], pair['compact']
+    xla = f"{d['flops'] / c['flops']:.2f}×" if d.get('flops') and c.get('flops') else 'n/a'
     lines.append(f"| {variant} | {dtype} | {batch} | {d['latency_ms_median']:.2f} / {d['latency_ms_p90']:.2f} | "
                  f"{c['latency_ms_median']:.2f} / {c['latency_ms_p90']:.2f} | "
-                 f"{d['latency_ms_median'] / c['latency_ms_median']:.2f}× | "
+                 f"{d['latency_ms_median'] / c['latency_ms_median']:.2f}× | {xla} | "
                  f"{d['conv_flops'] / max(1, c['conv_flops']):.2f}× | {d['images_per_sec']:.1f} | "
                  f"{c['images_per_sec']:.1f} |")
   return '\n'.join(lines) + '\n'
@@ -342,6 +343,7 @@ def _write_atomic(path: str, text: str) -> None:
   fd, tmp = tempfile.mkstemp(dir=directory, suffix='.tmp')
   with os.fdopen(fd, 'w') as f:
     f.write(text)
+  os.chmod(tmp, 0o644)  # mkstemp creates 0600
   os.replace(tmp, path)
 
 
@@ -451,8 +453,8 @@ def plot_sweep(points: Sequence[dict], path: str, title: str) -> None:
   fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
   ax.plot(x, [p['dense_ms'] for p in points], 'o-', label='dense with zeros')
   ax.plot(x, [p['compact_ms'] for p in points], 's-', label='compacted')
-  ideal = [points[0]['dense_ms'] * p['compact_conv_flops'] / p['dense_conv_flops'] for p in points]
-  ax.plot(x, ideal, ':', color='gray', label='dense × FLOP ratio')
+  ideal = [p['dense_ms'] * p['compact_conv_flops'] / p['dense_conv_flops'] for p in points]
+  ax.plot(x, ideal, ':', color='gray', label='dense × conv FLOP ratio')
   ax.set_xlabel('group sparsity of the backbone (%)')
   ax.set_ylabel('median latency (ms)')
   ax.set_title(title, fontsize=9)
@@ -465,6 +467,7 @@ def plot_sweep(points: Sequence[dict], path: str, title: str) -> None:
   os.close(fd)
   fig.savefig(tmp, format='png')
   plt.close(fig)
+  os.chmod(tmp, 0o644)
   os.replace(tmp, path)
 
 

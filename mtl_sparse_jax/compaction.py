@@ -730,6 +730,7 @@ def save_compact(path: str, model: CompactModel) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix + '.tmp')
     with os.fdopen(fd, 'wb') as f:
       write(f)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path + suffix)
 
 
