@@ -114,6 +114,9 @@ def resnet50_case():
   # Two zero output filters in a bottleneck's conv1: constant channels relu(β) next to input-dependent ones,
   # which conv2 (3×3) sees through its zero padding.
   params['layer1_2']['conv1']['kernel'][..., :2] = 0
+  # With layer3_0's shortcut zeroed whole, a zero conv3 filter makes stream channel 3 constant; layer3_1's sum
+  # then mixes a computed conv3 channel with a constant skip channel.
+  params['layer3_0']['conv3']['kernel'][..., 3] = 0
   stats = _calibrate(kwargs, params, stats, x)
   params['layer1_2']['bn1']['bias'][:2] = 0.4
   variables = {'params': params, 'batch_stats': stats}
@@ -159,6 +162,11 @@ def test_zeroed_groups_are_physically_removed(resnet50_case):
   # constants, which varies at the border because of the zero padding.
   assert cm.widths['layer1_2/conv1'].out_compact <= cm.widths['layer1_2/conv1'].out_dense - 2
   assert 'layer1_2/conv2' in cm.spatial_bias_layers
+  # The residual sums re-order the skip operand where the stream layouts differ (−1: a constant skip channel).
+  assert 3 not in cm.layout('layer3_0') and 3 in cm.layout('layer3_1')
+  gathers = [op.gather for op in cm.definition.ops if op.kind == 'add' and op.gather is not None]
+  assert any(-1 in g for g in gathers)
+  assert any(-1 not in g for g in gathers)
 
 
 def test_residual_stream_keeps_channels_that_some_reader_needs(resnet50_case):
@@ -171,9 +179,9 @@ def test_residual_stream_keeps_channels_that_some_reader_needs(resnet50_case):
   # The layer3 stream is read by several convs and carried by skips; its width only drops where no reader
   # and no skip needs a channel, so a channel used by some reader stays.
   params = c['variables']['params']
-  used_by_layer3_1 = np.abs(_get(params, 'layer3_1/conv1')['kernel']).sum(axis=(0, 1, 3)) > 0
-  layout = set(cm.layout('layer3_0'))
-  assert set(np.flatnonzero(used_by_layer3_1)) <= layout
+  used_by_layer3_2 = np.abs(_get(params, 'layer3_2/conv1')['kernel']).sum(axis=(0, 1, 3)) > 0
+  layout = set(cm.layout('layer3_1'))
+  assert set(np.flatnonzero(used_by_layer3_2)) <= layout
 
 
 def test_flop_counts_match_the_architecture(resnet50_case):
