@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_sparse_jax import compaction
+from mtl_sparse_jax import config_utils
 from mtl_sparse_jax import models
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -656,7 +657,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(json.dumps(points, indent=1))
       return 0
     if args.workdir:
-      from mtl_sparse_jax import config_utils
       config = config_utils.load(os.path.join(args.workdir, 'config.json'))
       run_from_workdir(config, args.workdir, out_dir=args.out, batch_sizes=batch_sizes, dtypes=dtypes,
                        repeats=args.repeats, size=args.size)
@@ -670,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_outputs(result, args.out)
     print(markdown_table(result))
     return 0
-  except (BenchmarkError, compaction.CompactionError, FileNotFoundError) as e:
+  except (BenchmarkError, compaction.CompactionError, config_utils.ConfigError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
 
