@@ -31,7 +31,13 @@ def main(argv):
   if not FLAGS.workdir:
     _fail('--workdir is required, e.g. --workdir runs/demo')
 
-  import jax  # noqa: F401  (after flag parsing, so --help is fast)
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the console shows progress bars
+  import jax  # after flag parsing, so --help is fast
+  # Reruns (resume, eval, the demo) skip XLA compilation through a persistent cache.
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser('~/.cache/mtl_sparse_jax/xla'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   from mtl_sparse_jax import config_utils, data_spec, train
 
   try:

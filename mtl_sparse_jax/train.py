@@ -173,24 +173,31 @@ class Trainer:
         lambda: losses_lib.init_loss_weights(self.config.loss.combiner, self.task_names))
     self.group_axes = group_axes_for(self.config, params)
     self.tx = build_optimizer(self.config, self.group_axes)
-    self._abstract_state = jax.eval_shape(self._init_fn, jax.random.PRNGKey(0), dummy)
+    self._abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0, impl='rbg'), dummy)
     self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0,),
                                out_shardings=(self.replicated, self.replicated, self.replicated))
     self._eval_step = jax.jit(self._eval_step_impl, static_argnames=('train_mode',), donate_argnums=(2,))
     self._train_stats_init = jax.jit(self._init_train_stats, out_shardings=self.replicated)
 
   def init_state(self, seed: int) -> TrainState:
-    """Creates the train state directly on the mesh, replicated."""
+    """Creates the train state directly on the mesh, replicated, with the config's lr and lam.
+
+    Parameters are drawn with the 'rbg' generator: on the CPU, XLA compiles threefry-based init of a deep
+    network an order of magnitude slower, and init runs replicated, so the result is the same on any mesh.
+    """
     dummy = jnp.zeros((1, *self.image_size, 3), jnp.float32)
     init = jax.jit(self._init_fn, out_shardings=self.replicated)
-    return init(jax.random.PRNGKey(seed), dummy)
+    state = init(jax.random.key(seed, impl='rbg'), dummy)
+    return self.set_hyperparams(state, learning_rate=self.config.optimizer.lr, lam=self.config.sparsity.lam)
 
   def abstract_state(self):
     return ckpt_lib.abstract_like(self._abstract_state, self.replicated)
 
   def reset_optimizer(self, state: TrainState) -> TrainState:
+    """Fresh moments and step count (the reference's per-epoch optimizer rebuild); same lr and lam."""
+    hp = state.opt_state.hyperparams
     opt_state = jax.jit(self.tx.init, out_shardings=self.replicated)(state.params)
-    return state.replace(opt_state=opt_state)
+    return state.replace(opt_state=opt_state._replace(hyperparams=hp))
 
   def set_hyperparams(self, state: TrainState, **values) -> TrainState:
     hp = dict(state.opt_state.hyperparams)
@@ -577,14 +584,46 @@ def _prepare_data(config):
   return manifest
 
 
+# Fields that the traced train/eval steps depend on. lr and lam are not among them: they live in the optimizer
+# state (optax.inject_hyperparams), so changing them reuses the compiled steps.
+_STRUCTURAL_KEYS = ('tasks', 'seg_num_classes', 'seg_num_logits', 'loss_resolution', 'double_sigmoid', 'model',
+                    'optimizer.name', 'optimizer.b1', 'optimizer.b2', 'optimizer.eps', 'optimizer.weight_decay',
+                    'sparsity.prox', 'sparsity.group_rule', 'sparsity.penalty_in_loss', 'loss', 'log.train_metrics',
+                    'batch_size')
+_TRAINERS: dict = {}
+_MAX_TRAINERS = 4
+
+
+def get_trainer(config, image_size, *, devices=None) -> Trainer:
+  """A set-up Trainer, reused within a process when nothing structural changed (no recompilation)."""
+  values = config_utils.to_dict(config)
+
+  def pick(path):
+    node = values
+    for part in path.split('.'):
+      node = node[part]
+    return node
+  devices = list(jax.devices() if devices is None else devices)
+  key = json.dumps([[k, pick(k)] for k in _STRUCTURAL_KEYS] + [[d.id for d in devices], list(image_size)],
+                   sort_keys=True, default=str)
+  trainer = _TRAINERS.pop(key, None)
+  if trainer is None:
+    trainer = Trainer(config, devices=devices)
+    trainer.setup(tuple(image_size))
+  _TRAINERS[key] = trainer  # most recently used last
+  while len(_TRAINERS) > _MAX_TRAINERS:  # compiled executables of big models hold memory
+    _TRAINERS.pop(next(iter(_TRAINERS)))
+  trainer.config = config
+  return trainer
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> list[dict]:
   """Runs every trial in `workdir` (resuming), writes results.csv / results.md; returns the test metrics."""
   config_utils.validate(config)
   manifest = _prepare_data(config)
   os.makedirs(workdir, exist_ok=True)
   config_utils.save(config, os.path.join(workdir, 'config.json'))
-  trainer = Trainer(config, devices=devices)
-  trainer.setup(tuple(manifest['image_size']))
+  trainer = get_trainer(config, manifest['image_size'], devices=devices)
   results = []
   for trial in range(config.num_trials):
     trial_dir = os.path.join(workdir, f'trial_{trial}')
@@ -603,8 +642,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, devices
   """Restores every trained trial in `workdir` and evaluates its test split, on whatever devices are present."""
   config_utils.validate(config)
   manifest = _prepare_data(config)
-  trainer = Trainer(config, devices=devices)
-  trainer.setup(tuple(manifest['image_size']))
+  trainer = get_trainer(config, manifest['image_size'], devices=devices)
   results = []
   for trial in range(config.num_trials):
     trial_dir = os.path.join(workdir, f'trial_{trial}')

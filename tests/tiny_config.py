@@ -15,7 +15,7 @@ def get_config():
   c.model.head_width_multiplier = 0.0625
   c.batch_size = 8
   c.eval_batch_size = 8
-  c.num_epochs = 3
+  c.num_epochs = 2
   c.num_trials = 1
   c.optimizer.lr = 3e-3
   c.optimizer.weight_decay = 1e-4
