@@ -90,15 +90,18 @@ def group_axes_for(config, params):
 def build_optimizer(config, group_axes) -> optax.GradientTransformation:
   o = config.optimizer
   if o.name == 'prox_adamw':
+    # Only lr and lam are injected (changeable at run time without recompiling); the betas stay Python floats,
+    # since 1 - b2 computed in float32 would be off by ~1e-5 relative.
     make = functools.partial(sparsity.prox_adamw, group_axes=group_axes, b1=o.b1, b2=o.b2, eps=o.eps,
                              weight_decay=o.weight_decay, prox=config.sparsity.prox)
-    return optax.inject_hyperparams(make)(learning_rate=o.lr, lam=config.sparsity.lam)
+    return optax.inject_hyperparams(make, static_args=('group_axes', 'b1', 'b2', 'eps', 'weight_decay', 'prox', 'max_iter', 'tol'),
+                                    hyperparam_dtype=jnp.float32)(learning_rate=o.lr, lam=config.sparsity.lam)
   if o.name == 'adam_l2':
     # torch.optim.Adam(weight_decay=wd): L2 added to the gradient before the moments, eps 1e-8.
     def make_adam_l2(learning_rate, lam):
       del lam  # a dense optimizer; kept so that logging reads both hyperparameters the same way
       return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(learning_rate, o.b1, o.b2, eps=1e-8))
-    return optax.inject_hyperparams(make_adam_l2)(learning_rate=o.lr, lam=0.0)
+    return optax.inject_hyperparams(make_adam_l2, hyperparam_dtype=jnp.float32)(learning_rate=o.lr, lam=0.0)
   raise config_utils.ConfigError(f"unknown optimizer.name {o.name!r}; use 'prox_adamw' or 'adam_l2'")
 
 
