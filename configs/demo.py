@@ -24,7 +24,7 @@ def get_config():
   c.model.head_width_multiplier = 0.125
   c.batch_size = 32
   c.eval_batch_size = 64
-  c.num_epochs = 12
+  c.num_epochs = 10
   c.num_trials = 1
   c.optimizer.lr = 2e-3
   c.optimizer.weight_decay = 1e-4
