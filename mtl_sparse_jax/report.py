@@ -101,11 +101,25 @@ class SummaryWriter:
 # Plots
 
 
-def plot_sparsity_layers(per_layer: Sequence[Sequence], path: str, title: str = '') -> None:
-  """Active vs total input channels per backbone conv, in forward order (like the paper's Fig. 3)."""
+def _pyplot():
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(fig, path: str) -> None:
+  """Writes the figure as PNG via a temp file, so a killed run never leaves a half-written plot."""
+  fig.tight_layout()
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=120)
+  _pyplot().close(fig)
+  os.replace(tmp, path)
+
+
+def plot_sparsity_layers(per_layer: Sequence[Sequence], path: str, title: str = '') -> None:
+  """Active vs total input channels per backbone conv, in forward order (like the paper's Fig. 3)."""
+  plt = _pyplot()
 
   names = [str(p).replace('backbone/', '').replace('/kernel', '') for p, _, _ in per_layer]
   active = np.array([a for _, a, _ in per_layer], dtype=float)
@@ -119,18 +133,12 @@ def plot_sparsity_layers(per_layer: Sequence[Sequence], path: str, title: str = 
   ax.set_ylabel('input channels (groups)')
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  _save(fig, path)
 
 
 def plot_sparsity_curve(history: Sequence[dict], path: str) -> None:
   """Group and parameter sparsity (%) per epoch."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   rows = [r for r in history if r.get('split') == 'train']
   if not rows:
@@ -144,11 +152,7 @@ def plot_sparsity_curve(history: Sequence[dict], path: str) -> None:
   ax.set_ylim(0, 100)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
