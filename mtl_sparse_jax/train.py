@@ -576,13 +576,21 @@ def evaluate_trial(trainer: Trainer, config, trial_dir: str, trial: int, data, *
 def _prepare_data(config):
   from mtl_sparse_jax import data_spec
   data = config.data
-  if config.dataset == 'synthetic' and data.generate_if_missing and not os.path.exists(
-      os.path.join(data.dir, 'manifest.json')):
-    from data_prep import synthetic
-    print(f'generating the synthetic demo dataset in {data.dir} (first use)', flush=True)
-    synthetic.generate(data.dir, num_train=data.synthetic_num_train, num_val=data.synthetic_num_val,
-                       num_test=data.synthetic_num_test, image_size=data.synthetic_size, seed=config.seed,
-                       num_classes=config.seg_num_classes)
+  manifest_path = os.path.join(data.dir, 'manifest.json')
+  if config.dataset == 'synthetic' and data.generate_if_missing and not os.path.exists(manifest_path):
+    if jax.process_index() == 0:  # one writer; on several hosts the others wait for its manifest
+      from data_prep import synthetic
+      print(f'generating the synthetic demo dataset in {data.dir} (first use)', flush=True)
+      synthetic.generate(data.dir, num_train=data.synthetic_num_train, num_val=data.synthetic_num_val,
+                         num_test=data.synthetic_num_test, image_size=data.synthetic_size, seed=config.seed,
+                         num_classes=config.seg_num_classes)
+    else:
+      deadline = time.time() + 1800
+      while not os.path.exists(manifest_path):
+        if time.time() > deadline:
+          raise data_spec.DataError(f'{manifest_path} did not appear within 30 min while process 0 generated '
+                                    f'the demo data; generate it first with python -m data_prep.synthetic')
+        time.sleep(2)
   manifest = data_spec.load_manifest(data.dir, verify=data.verify)
   return manifest
 
