@@ -236,3 +236,29 @@ def test_cli_rejects_unknown_override_and_missing_data(tmp_path):
   assert p.returncode == 2
   err_lines = [l for l in out.splitlines() if l.startswith('error:')]
   assert len(err_lines) == 1 and f'{tmp_path}/missing' in err_lines[0], out
+
+
+def test_stopped_task_head_is_frozen_and_leaves_the_loss(data_dir, trained):
+  """Per-task early stopping: with task_active['depth'] = 0 a step leaves head_depth exactly unchanged (no
+  gradient step, no weight decay) while the other heads and the backbone move, and the total loss no longer
+  contains the depth term."""
+  from mtl_sparse_jax import input_pipeline
+  config = tiny_config(data_dir)
+  trainer = train.get_trainer(config, (32, 32))
+  batch = trainer.put_batch(next(input_pipeline.iterate_batches(
+      str(data_dir), 'train', tasks=config.tasks, batch_size=8, train=True, seed=0, epoch=0, depth_norm='fixed')))
+  totals = {}
+  for active in (1.0, 0.0):
+    state = trainer.init_state(0)
+    before = jax.device_get(state.params)
+    state = state.replace(task_active={**state.task_active, 'depth': jnp.float32(active)})
+    state, losses, _ = trainer._train_step(state, batch, jax.random.PRNGKey(1), trainer._train_stats_init())
+    after = jax.device_get(state.params)
+    totals[active] = float(losses['total'])
+    depth_moved = any(np.any(a != b) for a, b in zip(jax.tree.leaves(before['head_depth']),
+                                                     jax.tree.leaves(after['head_depth'])))
+    assert depth_moved == (active == 1.0)
+    for name in ('head_seg', 'backbone'):
+      assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])))
+  # Learned uncertainty weighting starts at s = 0, so each active task adds 0.5 * L_t to the total.
+  assert totals[1.0] - totals[0.0] == pytest.approx(0.5 * float(losses['depth']), rel=1e-4)
