@@ -38,7 +38,7 @@ def room_depth(rng) -> np.ndarray:
     for _ in range(rng.integers(2, 6)):
         y0, x0 = rng.integers(0, H - 80), rng.integers(0, W - 80)
         h, w = rng.integers(40, 200), rng.integers(40, 250)
-        depth[y0:y0 + h, x0:x0 + w] = np.minimum(depth[y0:y0 + h, x0:x0 + w], rng.uniform(0.8, 4.0))
+        depth[y0 : y0 + h, x0 : x0 + w] = np.minimum(depth[y0 : y0 + h, x0 : x0 + w], rng.uniform(0.8, 4.0))
     depth = np.clip(depth, 0.5, 10.0)
     holes = np.zeros((H // 16, W // 16)) < 0
     holes |= rng.uniform(size=holes.shape) < 0.05
@@ -87,8 +87,11 @@ def depth_order_effect(num: int, size: int, seed: int = 1) -> dict:
         all_abs.append(diff.mean())
         valid_abs.append(diff[valid].mean())
         max_abs = max(max_abs, float(diff.max()))
-    return {"mean_abs_all": float(np.mean(all_abs)), "mean_abs_away_from_holes": float(np.mean(valid_abs)),
-            "max_abs": max_abs}
+    return {
+        "mean_abs_all": float(np.mean(all_abs)),
+        "mean_abs_away_from_holes": float(np.mean(valid_abs)),
+        "max_abs": max_abs,
+    }
 
 
 def main() -> int:
@@ -113,8 +116,10 @@ def main() -> int:
             nyu.convert(src, out, size=args.size, shard_size=args.shard_size, workers=workers, log=lambda *_: None)
             elapsed = time.perf_counter() - t0
             shard_bytes = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".tfrecord"))
-            print(f"workers={workers}: {args.num} records in {elapsed:.1f} s = {args.num / elapsed:.1f} records/s; "
-                  f"{shard_bytes / args.num / 1024:.0f} KiB/record")
+            print(
+                f"workers={workers}: {args.num} records in {elapsed:.1f} s = {args.num / elapsed:.1f} records/s; "
+                f"{shard_bytes / args.num / 1024:.0f} KiB/record"
+            )
         # Where the time goes, in this process: reading + validating + resizing vs encoding a record.
         from data_prep.shards import serialize_example
 
@@ -126,11 +131,15 @@ def main() -> int:
         for example in examples:
             serialize_example(example)
         encode_ms = (time.perf_counter() - t0) / len(ids) * 1e3
-        print(f"per record, one process: read+validate+resize {build_ms:.1f} ms, encode (PNG + tf.train.Example) "
-              f"{encode_ms:.1f} ms")
+        print(
+            f"per record, one process: read+validate+resize {build_ms:.1f} ms, encode (PNG + tf.train.Example) "
+            f"{encode_ms:.1f} ms"
+        )
         effect = depth_order_effect(20, args.size)
-        print("depth normalise-then-resize vs resize-then-normalise (normalised units, 20 synthetic maps): "
-              + ", ".join(f"{k} {v:.4f}" for k, v in effect.items()))
+        print(
+            "depth normalise-then-resize vs resize-then-normalise (normalised units, 20 synthetic maps): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in effect.items())
+        )
     finally:
         if args.tmp is None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -44,8 +44,15 @@ def main(argv=None) -> int:
 
     # 1. End to end: render + validate + encode + write, in this process (the demo's default).
     start = time.perf_counter()
-    synthetic.generate(os.path.join(args.out, "data"), num_train=args.num, num_val=16, num_test=16,
-                       image_size=args.size, shard_size=64, num_workers=0)
+    synthetic.generate(
+        os.path.join(args.out, "data"),
+        num_train=args.num,
+        num_val=16,
+        num_test=16,
+        image_size=args.size,
+        shard_size=64,
+        num_workers=0,
+    )
     elapsed = time.perf_counter() - start
     total = args.num + 32
     rows.append(("synthetic generate (render + write), 1 process", f"{total / elapsed:.1f} records/s"))
@@ -56,12 +63,24 @@ def main(argv=None) -> int:
     for key in keys:
         _RENDERED[key] = builder(key)
     start = time.perf_counter()
-    entry = shards.write_split(os.path.join(args.out, "write_only"), "train", keys, _prerendered, shard_size=64,
-                               num_workers=0, num_classes={"seg": 6})
+    entry = shards.write_split(
+        os.path.join(args.out, "write_only"),
+        "train",
+        keys,
+        _prerendered,
+        shard_size=64,
+        num_workers=0,
+        num_classes={"seg": 6},
+    )
     elapsed = time.perf_counter() - start
     megabytes = sum(s["bytes"] for s in entry["shards"]) / 1e6
-    rows.append(("shard writer only, 1 process", f"{args.num / elapsed:.1f} records/s "
-                 f"({megabytes / elapsed:.0f} MB/s, {megabytes * 1e6 / args.num / 1e6:.2f} MB/record)"))
+    rows.append(
+        (
+            "shard writer only, 1 process",
+            f"{args.num / elapsed:.1f} records/s "
+            f"({megabytes / elapsed:.0f} MB/s, {megabytes * 1e6 / args.num / 1e6:.2f} MB/record)",
+        )
+    )
 
     # 3. Read back through make_dataset, all NYU-like tasks, training order, reference depth normalisation.
     data_dir = os.path.join(args.out, "data")
@@ -71,15 +90,27 @@ def main(argv=None) -> int:
         for epoch in range(args.epochs + 1):
             start = time.perf_counter()
             images = 0
-            for batch in input_pipeline.iterate_batches(data_dir, "train", tasks=tasks, batch_size=args.batch_size,
-                                                        train=True, epoch=epoch, cache=cache, process_index=0,
-                                                        process_count=1):
+            for batch in input_pipeline.iterate_batches(
+                data_dir,
+                "train",
+                tasks=tasks,
+                batch_size=args.batch_size,
+                train=True,
+                epoch=epoch,
+                cache=cache,
+                process_index=0,
+                process_count=1,
+            ):
                 images += batch["image"].shape[0]
             rates.append(images / (time.perf_counter() - start))
         label = "cached in memory (epochs after the first)" if cache else "streamed from shards"
         # Epoch 0 pays the decode (and, cached, fills the cache); report it apart from the steady state.
-        rows.append((f"make_dataset read, {label}", f"{np.median(rates[1:]):.0f} images/s "
-                     f"(first epoch {rates[0]:.0f} images/s)"))
+        rows.append(
+            (
+                f"make_dataset read, {label}",
+                f"{np.median(rates[1:]):.0f} images/s (first epoch {rates[0]:.0f} images/s)",
+            )
+        )
 
     print(f"machine: {platform.node()} · {os.cpu_count()} CPU cores · python {platform.python_version()}")
     print(f"size {args.size}x{args.size}, {args.num} train records, batch {args.batch_size}, tasks {tasks}\n")

@@ -94,9 +94,7 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--heads must be comma-separated integers like 40,3,1, got {args.heads!r}")
     heads = [HeadSpec(f"task{i}", "deeplab", c) for i, c in enumerate(outs)]
-    model = MultiTaskModel(
-        heads, depth=args.depth, width_multiplier=args.width, output_stride=args.output_stride
-    )
+    model = MultiTaskModel(heads, depth=args.depth, width_multiplier=args.width, output_stride=args.output_stride)
     x_shape = (args.batch, args.size, args.size, 3)
     x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -107,7 +105,10 @@ def main(argv=None) -> int:
 
     def loss_train(params, batch_stats, x, rng):
         out, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=True, rngs={"dropout": rng},
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            rngs={"dropout": rng},
             mutable=["batch_stats"],
         )
         return sum(jnp.mean(jnp.square(o)) for o in out.values()), updates
@@ -117,7 +118,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     fwd_flops, _ = xla_flops(forward_eval, variables, x)
-    fwd_train_flops, _ = xla_flops(lambda p, b, x, r: loss_train(p, b, x, r), variables["params"], variables["batch_stats"], x, rng)
+    fwd_train_flops, _ = xla_flops(
+        lambda p, b, x, r: loss_train(p, b, x, r), variables["params"], variables["batch_stats"], x, rng
+    )
     fwdbwd_flops, fwdbwd = xla_flops(forward_backward, variables["params"], variables["batch_stats"], x, rng)
     compile_s = time.perf_counter() - t0
 
@@ -185,22 +188,32 @@ def main(argv=None) -> int:
         ("analytic convs, forward: heads", result["analytic_conv_forward_heads_gflops_per_image"]),
         ("analytic convs, forward: total", result["analytic_conv_forward_gflops_per_image"]),
         ("analytic convs, forward + backward", result["analytic_conv_forward_backward_gflops_per_image"]),
-        ("analytic convs, taps inside the map only, forward: backbone",
-         result["analytic_conv_forward_inside_map_backbone_gflops_per_image"]),
-        ("analytic convs, taps inside the map only, forward: heads",
-         result["analytic_conv_forward_inside_map_heads_gflops_per_image"]),
-        ("analytic convs, taps inside the map only, forward: total",
-         result["analytic_conv_forward_inside_map_gflops_per_image"]),
-        ("analytic convs, taps inside the map only, forward + backward",
-         result["analytic_conv_forward_backward_inside_map_gflops_per_image"]),
+        (
+            "analytic convs, taps inside the map only, forward: backbone",
+            result["analytic_conv_forward_inside_map_backbone_gflops_per_image"],
+        ),
+        (
+            "analytic convs, taps inside the map only, forward: heads",
+            result["analytic_conv_forward_inside_map_heads_gflops_per_image"],
+        ),
+        (
+            "analytic convs, taps inside the map only, forward: total",
+            result["analytic_conv_forward_inside_map_gflops_per_image"],
+        ),
+        (
+            "analytic convs, taps inside the map only, forward + backward",
+            result["analytic_conv_forward_backward_inside_map_gflops_per_image"],
+        ),
     ]
     print(f"{result['model']}, input {x_shape}, {n_params:,} params")
     print("| measurement | GFLOPs per image |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:.2f} |")
     if args.run:
-        print(f"forward+backward wall time (median of 3, batch {args.batch}): {result['forward_backward_s_median_of_3']:.2f} s;"
-              f" grads finite: {result['grads_finite']}")
+        print(
+            f"forward+backward wall time (median of 3, batch {args.batch}): {result['forward_backward_s_median_of_3']:.2f} s;"
+            f" grads finite: {result['grads_finite']}"
+        )
 
     if args.json:
         directory = os.path.dirname(os.path.abspath(args.json))

@@ -11,24 +11,24 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
-  c.dataset = 'synthetic'
-  c.data.dir = 'data/synthetic'
-  c.data.generate_if_missing = True
-  c.data.depth_norm = 'fixed'
-  c.data.depth_max_m = 10.0
-  c.tasks = ('seg', 'normals', 'depth')
-  c.seg_num_classes = 6
-  c.model.depth = 50
-  c.model.width_multiplier = 0.125
-  c.model.head_width_multiplier = 0.125
-  c.batch_size = 32
-  c.eval_batch_size = 64
-  c.num_epochs = 10
-  c.num_trials = 1
-  c.optimizer.lr = 2e-3
-  c.optimizer.weight_decay = 1e-4
-  c.sparsity.lam = 1e-3
-  c.early_stopping.patience = 0
-  c.early_stopping.task_patience = 0
-  return c
+    c = default.get_config()
+    c.dataset = "synthetic"
+    c.data.dir = "data/synthetic"
+    c.data.generate_if_missing = True
+    c.data.depth_norm = "fixed"
+    c.data.depth_max_m = 10.0
+    c.tasks = ("seg", "normals", "depth")
+    c.seg_num_classes = 6
+    c.model.depth = 50
+    c.model.width_multiplier = 0.125
+    c.model.head_width_multiplier = 0.125
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.num_epochs = 10
+    c.num_trials = 1
+    c.optimizer.lr = 2e-3
+    c.optimizer.weight_decay = 1e-4
+    c.sparsity.lam = 1e-3
+    c.early_stopping.patience = 0
+    c.early_stopping.task_patience = 0
+    return c

@@ -10,21 +10,21 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
-  c.dataset = 'nyu'
-  c.data.dir = 'data/nyu'
-  c.tasks = ('seg', 'normals', 'depth')
-  c.seg_num_classes = 40
-  c.model.depth = 50
-  c.batch_size = 16
-  c.eval_batch_size = 8
-  c.optimizer.lr = 1e-4
-  c.optimizer.weight_decay = 0.1
-  c.sparsity.lam = 1e-5
-  c.sparsity.prox = 'adaptive'
-  c.loss.combiner = 'uncertainty'
-  c.early_stopping.patience = 25
-  c.early_stopping.task_patience = 25
-  c.num_epochs = 1000
-  c.num_trials = 5
-  return c
+    c = default.get_config()
+    c.dataset = "nyu"
+    c.data.dir = "data/nyu"
+    c.tasks = ("seg", "normals", "depth")
+    c.seg_num_classes = 40
+    c.model.depth = 50
+    c.batch_size = 16
+    c.eval_batch_size = 8
+    c.optimizer.lr = 1e-4
+    c.optimizer.weight_decay = 0.1
+    c.sparsity.lam = 1e-5
+    c.sparsity.prox = "adaptive"
+    c.loss.combiner = "uncertainty"
+    c.early_stopping.patience = 25
+    c.early_stopping.task_patience = 25
+    c.num_epochs = 1000
+    c.num_trials = 5
+    return c

@@ -48,19 +48,37 @@ TASKS = ("seg",) + tuple(ATTRIBUTE_TASKS)
 BACKGROUND, HAIR, SKIN = 0, 1, 2
 NUM_SEG_CLASSES = 3
 # The official painting order of CelebAMask-HQ's g_mask.py: a later part overwrites an earlier one.
-PART_ORDER = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth", "u_lip",
-              "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
+PART_ORDER = (
+    "skin",
+    "nose",
+    "eye_g",
+    "l_eye",
+    "r_eye",
+    "l_brow",
+    "r_brow",
+    "l_ear",
+    "r_ear",
+    "mouth",
+    "u_lip",
+    "l_lip",
+    "hair",
+    "hat",
+    "ear_r",
+    "neck_l",
+    "neck",
+    "cloth",
+)
 # "Skin" is the visible face: skin plus every facial feature drawn on it (nose, eyes, brows, ears, mouth, lips).
 # Neck, clothes and accessories (glasses, hat, earring, necklace) are background.
 SKIN_PARTS = ("skin", "nose", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth", "u_lip", "l_lip")
 HAIR_PARTS = ("hair",)
-PART_CLASS = {part: SKIN if part in SKIN_PARTS else HAIR if part in HAIR_PARTS else BACKGROUND
-              for part in PART_ORDER}
+PART_CLASS = {part: SKIN if part in SKIN_PARTS else HAIR if part in HAIR_PARTS else BACKGROUND for part in PART_ORDER}
 
 _NAME_RE = re.compile(r"^(\d+)\.jpg$")
 
 
 # ---------------------------------------------------------------------------------------------------- attributes
+
 
 def parse_attribute_file(path: str) -> dict[int, dict[str, int]]:
     """Image number → {task: 0/1} from CelebAMask-HQ-attribute-anno.txt.
@@ -78,8 +96,10 @@ def parse_attribute_file(path: str) -> dict[int, dict[str, int]]:
     try:
         count = int(lines[0].strip())
     except ValueError:
-        raise ValueError(f"{path}:1: first line {lines[0][:40]!r} is not the image count; use the raw release file "
-                         "(count line, header, rows)") from None
+        raise ValueError(
+            f"{path}:1: first line {lines[0][:40]!r} is not the image count; use the raw release file "
+            "(count line, header, rows)"
+        ) from None
     names = lines[1].split()
     missing = [col for col in ATTRIBUTE_TASKS.values() if col not in names]
     if missing:
@@ -104,8 +124,10 @@ def parse_attribute_file(path: str) -> dict[int, dict[str, int]]:
             raise ValueError(f"{path}:{line_no}: image {tokens[0]} appears twice")
         attributes[number] = {task: 1 if values[col] == "1" else 0 for task, col in columns.items()}
     if len(attributes) != count:
-        raise ValueError(f"{path}: the count line says {count} images but {len(attributes)} rows follow; the file is "
-                         "truncated or edited")
+        raise ValueError(
+            f"{path}: the count line says {count} images but {len(attributes)} rows follow; the file is "
+            "truncated or edited"
+        )
     return attributes
 
 
@@ -120,6 +142,7 @@ def _attributes(path: str) -> dict[int, dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------------------- masks
+
 
 def mask_from_parts(part_masks: dict[str, np.ndarray]) -> np.ndarray:
     """3-class mask (uint8: 0 background, 1 hair, 2 skin) from boolean part masks.
@@ -152,8 +175,9 @@ def read_part_mask(path: str) -> np.ndarray:
             img.load()
             array = np.asarray(img)
     except Exception as err:
-        raise BadExampleError(f"{path}: cannot decode part mask ({type(err).__name__}: {err}); re-extract the "
-                              "file") from None
+        raise BadExampleError(
+            f"{path}: cannot decode part mask ({type(err).__name__}: {err}); re-extract the file"
+        ) from None
     if array.ndim == 3:
         array = array[..., :3].max(axis=-1)
     if array.ndim != 2:
@@ -169,8 +193,10 @@ def read_parts(src: str, number: int) -> dict[str, np.ndarray]:
         if os.path.isfile(path):
             parts[part] = read_part_mask(path)
     if not parts:
-        raise BadExampleError(f"{part_mask_path(src, number, '<part>')}: no part mask of image {number} found; "
-                              "restore its annotation files or leave the image out of the split")
+        raise BadExampleError(
+            f"{part_mask_path(src, number, '<part>')}: no part mask of image {number} found; "
+            "restore its annotation files or leave the image out of the split"
+        )
     shapes = {part: m.shape for part, m in parts.items()}
     if len(set(shapes.values())) > 1:
         raise BadExampleError(f"{part_mask_path(src, number, '*')}: part masks differ in size {shapes}")
@@ -189,15 +215,19 @@ def read_segmask(path: str) -> np.ndarray:
     if mask.ndim != 2:
         raise BadExampleError(f"{path}: segmask has shape {mask.shape}; expected [H, W]")
     if mask.dtype.kind not in "iub":
-        raise BadExampleError(f"{path}: segmask has dtype {mask.dtype}; expected integer class ids 0/1/2 (a float "
-                              "or resized mask would silently change labels)")
+        raise BadExampleError(
+            f"{path}: segmask has dtype {mask.dtype}; expected integer class ids 0/1/2 (a float "
+            "or resized mask would silently change labels)"
+        )
     if mask.size and (mask.min() < 0 or mask.max() > NUM_SEG_CLASSES - 1):
-        raise BadExampleError(f"{path}: segmask values span [{mask.min()}, {mask.max()}]; expected 0 background, "
-                              "1 hair, 2 skin")
+        raise BadExampleError(
+            f"{path}: segmask values span [{mask.min()}, {mask.max()}]; expected 0 background, 1 hair, 2 skin"
+        )
     return mask.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------------- splits
+
 
 def random_split(numbers, seed: int, fractions=RANDOM_SPLIT_FRACTIONS) -> dict[str, list[int]]:
     """Seeded random split of the sorted image numbers: train/val get floor(f·N), test the rest."""
@@ -206,7 +236,11 @@ def random_split(numbers, seed: int, fractions=RANDOM_SPLIT_FRACTIONS) -> dict[s
     n_train = int(fractions[0] * len(numbers))
     n_val = int(fractions[1] * len(numbers))
     shuffled = [numbers[i] for i in order]
-    return {"train": shuffled[:n_train], "val": shuffled[n_train:n_train + n_val], "test": shuffled[n_train + n_val:]}
+    return {
+        "train": shuffled[:n_train],
+        "val": shuffled[n_train : n_train + n_val],
+        "test": shuffled[n_train + n_val :],
+    }
 
 
 def read_split_json(path: str, known_numbers) -> dict[str, list[int]]:
@@ -241,10 +275,11 @@ def read_split_json(path: str, known_numbers) -> dict[str, list[int]]:
 
 def reference_subset(splits: dict[str, list]) -> dict[str, list]:
     """The first int(len/3) entries of each list: the authors' loader reports len/3 and so never reads the rest."""
-    return {split: list(keys[:int(len(keys) / 3)]) for split, keys in splits.items()}
+    return {split: list(keys[: int(len(keys) / 3)]) for split, keys in splits.items()}
 
 
 # -------------------------------------------------------------------------------------------------------- examples
+
 
 def celeba_example(key: str, *, src: str, size: int, attribute_file: str, mask_source: str = "parts") -> dict:
     """Read, validate, build and resize one CelebAMask-HQ example by image number."""
@@ -260,22 +295,39 @@ def celeba_example(key: str, *, src: str, size: int, attribute_file: str, mask_s
     # The raw release pairs 1024² photos with 512² masks, so sizes may differ, but the aspect ratio may not.
     (ih, iw), (mh, mw) = image.shape[:2], mask.shape
     if ih * mw != iw * mh:
-        raise BadExampleError(f"{mask_path}: mask is {mh}×{mw} but image {image_path} is {ih}×{iw} (another aspect "
-                              "ratio); the files do not belong together")
+        raise BadExampleError(
+            f"{mask_path}: mask is {mh}×{mw} but image {image_path} is {ih}×{iw} (another aspect "
+            "ratio); the files do not belong together"
+        )
     attributes = _attributes(attribute_file)
     if number not in attributes:
         raise BadExampleError(f"{attribute_file}: no row for {number}.jpg")
-    example = {"id": str(number), "image": resize_image_uint8(image, size, size),
-               "seg": resize_nearest(mask, size, size).astype(np.uint8)}
+    example = {
+        "id": str(number),
+        "image": resize_image_uint8(image, size, size),
+        "seg": resize_nearest(mask, size, size).astype(np.uint8),
+    }
     example.update(attributes[number])
     return example
 
 
 # --------------------------------------------------------------------------------------------------------- driver
 
-def convert(src: str, out: str, *, split_json: str | None = None, seed: int = 0, size: int = 256,
-            use_reference_subset: bool = False, mask_source: str = "auto", shard_size: int = 256,
-            workers: int | None = None, skip_bad: bool = False, log=print) -> str:
+
+def convert(
+    src: str,
+    out: str,
+    *,
+    split_json: str | None = None,
+    seed: int = 0,
+    size: int = 256,
+    use_reference_subset: bool = False,
+    mask_source: str = "auto",
+    shard_size: int = 256,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    log=print,
+) -> str:
     """Convert a CelebAMask-HQ folder into shards + manifest under `out`; return the manifest path."""
     from data_prep.shards import write_manifest, write_split
 
@@ -299,22 +351,45 @@ def convert(src: str, out: str, *, split_json: str | None = None, seed: int = 0,
     if use_reference_subset:
         splits = reference_subset(splits)
         split_source += ", reference subset (first third of each list)"
-    build = functools.partial(celeba_example, src=os.path.abspath(src), size=size, attribute_file=attribute_file,
-                              mask_source=mask_source)
+    build = functools.partial(
+        celeba_example, src=os.path.abspath(src), size=size, attribute_file=attribute_file, mask_source=mask_source
+    )
     os.makedirs(out, exist_ok=True)
     num_classes = {"seg": NUM_SEG_CLASSES}
     entries = {}
     for split in SPLITS:
         if splits.get(split):
-            entries[split] = write_split(out, split, [str(n) for n in splits[split]], build, shard_size=shard_size,
-                                         num_workers=workers, skip_bad=skip_bad, image_size=(size, size),
-                                         num_classes=num_classes, desc=f"celeba {split}")
+            entries[split] = write_split(
+                out,
+                split,
+                [str(n) for n in splits[split]],
+                build,
+                shard_size=shard_size,
+                num_workers=workers,
+                skip_bad=skip_bad,
+                image_size=(size, size),
+                num_classes=num_classes,
+                desc=f"celeba {split}",
+            )
             raw_io.report_skipped(entries[split], split, log)
-    extra = {"split": split_source, "mask_source": mask_source, "seg_classes": ["background", "hair", "skin"],
-             "skin_parts": list(SKIN_PARTS), "part_order": list(PART_ORDER), "attributes": ATTRIBUTE_TASKS}
-    return write_manifest(out, dataset="celebamask_hq", source_layout=f"raw_release+{mask_source}",
-                          image_size=(size, size), features=("image",) + TASKS, num_classes=num_classes,
-                          splits=entries, extra=extra)
+    extra = {
+        "split": split_source,
+        "mask_source": mask_source,
+        "seg_classes": ["background", "hair", "skin"],
+        "skin_parts": list(SKIN_PARTS),
+        "part_order": list(PART_ORDER),
+        "attributes": ATTRIBUTE_TASKS,
+    }
+    return write_manifest(
+        out,
+        dataset="celebamask_hq",
+        source_layout=f"raw_release+{mask_source}",
+        image_size=(size, size),
+        features=("image",) + TASKS,
+        num_classes=num_classes,
+        splits=entries,
+        extra=extra,
+    )
 
 
 def main(argv=None) -> int:
@@ -324,19 +399,34 @@ def main(argv=None) -> int:
     parser.add_argument("--split-json", help="JSON with train/val/test lists of '<n>.jpg' (default: random 60/20/20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
     parser.add_argument("--size", type=int, default=256, help="examples are resized to size × size")
-    parser.add_argument("--reference-subset", action="store_true",
-                        help="keep the first third of each split list, as the authors' loader does")
-    parser.add_argument("--mask-source", choices=MASK_SOURCES, default="auto",
-                        help=f"parts: build from {PARTS_DIR}; npy: {SEGMASK_DIR}/<n:05d>_mask.npy; auto: npy if "
-                             "that folder exists")
+    parser.add_argument(
+        "--reference-subset",
+        action="store_true",
+        help="keep the first third of each split list, as the authors' loader does",
+    )
+    parser.add_argument(
+        "--mask-source",
+        choices=MASK_SOURCES,
+        default="auto",
+        help=f"parts: build from {PARTS_DIR}; npy: {SEGMASK_DIR}/<n:05d>_mask.npy; auto: npy if that folder exists",
+    )
     parser.add_argument("--shard-size", type=int, default=256, help="examples per shard")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--skip-bad", action="store_true", help="skip and report bad examples instead of stopping")
     args = parser.parse_args(argv)
     try:
-        path = convert(args.src, args.out, split_json=args.split_json, seed=args.seed, size=args.size,
-                       use_reference_subset=args.reference_subset, mask_source=args.mask_source,
-                       shard_size=args.shard_size, workers=args.workers, skip_bad=args.skip_bad)
+        path = convert(
+            args.src,
+            args.out,
+            split_json=args.split_json,
+            seed=args.seed,
+            size=args.size,
+            use_reference_subset=args.reference_subset,
+            mask_source=args.mask_source,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+        )
     except (ValueError, OSError) as err:  # BadExampleError is a ValueError; one line that names the file
         print(f"error: {err}", file=sys.stderr)
         return 1

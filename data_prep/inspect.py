@@ -22,20 +22,33 @@ import numpy as np
 from mtl_sparse_jax import data_spec
 
 
-def load_example(data_dir: str, split: str, index: int, *, tasks=None, depth_norm: str = "reference",
-                 depth_max_m: float = 10.0) -> dict[str, np.ndarray]:
+def load_example(
+    data_dir: str, split: str, index: int, *, tasks=None, depth_norm: str = "reference", depth_max_m: float = 10.0
+) -> dict[str, np.ndarray]:
     """Example `index` (0-based, manifest order) of `split`, as the pipeline yields it, without the batch axis."""
     from mtl_sparse_jax import input_pipeline
 
     manifest = data_spec.load_manifest(data_dir, verify="none")
     total = data_spec.split_entry(manifest, split, data_dir)["num_examples"]
     if not 0 <= index < total:
-        raise ValueError(f"--index {index} is out of range: split '{split}' of {data_dir} has {total} examples "
-                         f"(0..{total - 1})")
+        raise ValueError(
+            f"--index {index} is out of range: split '{split}' of {data_dir} has {total} examples (0..{total - 1})"
+        )
     tasks = list(tasks) if tasks else data_spec.available_tasks(manifest["features"])
-    batches = input_pipeline.iterate_batches(data_dir, split, tasks=tasks, batch_size=1, train=False,
-                                             depth_norm=depth_norm, depth_max_m=depth_max_m, process_index=0,
-                                             process_count=1, cache=False, prefetch=0, with_ids=True)
+    batches = input_pipeline.iterate_batches(
+        data_dir,
+        split,
+        tasks=tasks,
+        batch_size=1,
+        train=False,
+        depth_norm=depth_norm,
+        depth_max_m=depth_max_m,
+        process_index=0,
+        process_count=1,
+        cache=False,
+        prefetch=0,
+        with_ids=True,
+    )
     batch = next(itertools.islice(batches, index, None))
     example = {}
     for key, value in batch.items():
@@ -82,8 +95,9 @@ def save_contact_sheet(path: str, example: dict[str, np.ndarray], title: str = "
             ax.set_title("image")
         else:
             limits = {"vmin": 0.0, "vmax": 1.0} if name == "depth_valid" else {}
-            shown = ax.imshow(value[..., 0] if value.ndim == 3 else value, cmap="viridis", interpolation="nearest",
-                              **limits)
+            shown = ax.imshow(
+                value[..., 0] if value.ndim == 3 else value, cmap="viridis", interpolation="nearest", **limits
+            )
             label = name
             if name == "depth" and "depth_scale" in example:
                 label += f" (× {float(example['depth_scale']):.3g} m)"
@@ -113,8 +127,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     try:
-        example = load_example(args.data, args.split, args.index, tasks=tasks, depth_norm=args.depth_norm,
-                               depth_max_m=args.depth_max_m)
+        example = load_example(
+            args.data, args.split, args.index, tasks=tasks, depth_norm=args.depth_norm, depth_max_m=args.depth_max_m
+        )
         save_npz(args.out, example)
         if args.png:
             save_contact_sheet(args.png, example, title=f"{args.split}[{args.index}] id={example['id']}")

@@ -45,12 +45,20 @@ LAYOUT_NUM_CLASSES = {"nyud_mt": NYU40_NUM_CLASSES, "mat": NYU40_NUM_CLASSES, "m
 NYU_KINECT_INTRINSICS = {"fx": 518.857901, "fy": 519.469611, "cx": 325.582449, "cy": 253.736166}
 
 MAT_FILE_NAME = "nyu_depth_v2_labeled.mat"
-MAPPING_FILE_NAMES = ("classMapping40.mat", "class_mapping_40.npy", "class_mapping_40.txt", "class_mapping_40.json",
-                      "mapping40.npy", "mapping40.txt", "mapping40.json")
+MAPPING_FILE_NAMES = (
+    "classMapping40.mat",
+    "class_mapping_40.npy",
+    "class_mapping_40.txt",
+    "class_mapping_40.json",
+    "mapping40.npy",
+    "mapping40.txt",
+    "mapping40.json",
+)
 SPLIT_FILE_NAMES = ("splits.mat", "splits.json")
 
 
 # --------------------------------------------------------------------------------------------------- common parts
+
 
 def map_nyu40_labels(labels: np.ndarray, path: str = "<labels>") -> np.ndarray:
     """NYUD_MT label ids (0 = unlabelled, 1..40) → stored labels (255 = ignore, 0..39), as the reference does."""
@@ -79,8 +87,9 @@ def resize_example(example: dict, size: int) -> dict:
 def _check_depth(depth: np.ndarray, path: str) -> np.ndarray:
     raw_io.require_finite(depth, path, "depth")
     if depth.size and depth.min() < 0:
-        raise BadExampleError(f"{path}: depth has negative values (min {depth.min():.3g}); expected metres with "
-                              "0 = invalid")
+        raise BadExampleError(
+            f"{path}: depth has negative values (min {depth.min():.3g}); expected metres with 0 = invalid"
+        )
     return depth.astype(np.float32)
 
 
@@ -117,6 +126,7 @@ def normals_from_depth(depth: np.ndarray, fx: float, fy: float, cx: float, cy: f
 
 # ------------------------------------------------------------------------------------------------------ nyud_mt
 
+
 def read_split_list(path: str) -> list[str]:
     with open(path) as f:
         ids = [line.strip() for line in f.read().splitlines() if line.strip()]
@@ -136,8 +146,10 @@ def read_nyud_mt_splits(src: str) -> dict[str, list[str]]:
         if os.path.isfile(path):
             splits[split] = read_split_list(path)
     if "train" not in splits:
-        raise ValueError(f"{os.path.join(src, 'gt_sets', 'train.txt')}: missing; the NYUD_MT layout needs "
-                         "gt_sets/train.txt (one id per line)")
+        raise ValueError(
+            f"{os.path.join(src, 'gt_sets', 'train.txt')}: missing; the NYUD_MT layout needs "
+            "gt_sets/train.txt (one id per line)"
+        )
     return splits
 
 
@@ -171,6 +183,7 @@ def nyud_mt_example(example_id: str, *, src: str, size: int, tasks=ALL_TASKS) ->
 
 # --------------------------------------------------------------------------------------------------------- mtan
 
+
 def read_mtan_splits(src: str) -> dict[str, list[str]]:
     """Keys '<folder>/<i>' for {train,val}/image/<i>.npy; the MTAN `val` folder is the standard test set."""
     splits = {}
@@ -201,8 +214,9 @@ def mtan_example(key: str, *, src: str, size: int, tasks=LAYOUT_TASKS["mtan"]) -
     if image.dtype != np.uint8:
         raw_io.require_finite(image, image_path, "image")
         if image.min() < 0 or image.max() > 1.0 + 1e-6:
-            raise BadExampleError(f"{image_path}: float image spans [{image.min():.3g}, {image.max():.3g}]; "
-                                  "expected [0, 1]")
+            raise BadExampleError(
+                f"{image_path}: float image spans [{image.min():.3g}, {image.max():.3g}]; expected [0, 1]"
+            )
         image = np.clip(np.rint(image.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
     hw = image.shape[:2]
     example = {"id": f"{folder}_{index}", "image": image}
@@ -229,6 +243,7 @@ def mtan_example(key: str, *, src: str, size: int, tasks=LAYOUT_TASKS["mtan"]) -
 
 
 # ---------------------------------------------------------------------------------------------------------- mat
+
 
 def _load_mat_variables(path: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Read numeric variables from a MATLAB file, v7.3 (HDF5, via h5py) or older (via scipy.io.loadmat)."""
@@ -337,8 +352,10 @@ def check_mat_file(path: str) -> int:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: not found; download nyu_depth_v2_labeled.mat or pass --mat FILE")
     if not h5py.is_hdf5(path):
-        raise ValueError(f"{path}: not a MATLAB v7.3 (HDF5) file; the official nyu_depth_v2_labeled.mat is v7.3 — "
-                         "re-download it (a truncated download also ends up here)")
+        raise ValueError(
+            f"{path}: not a MATLAB v7.3 (HDF5) file; the official nyu_depth_v2_labeled.mat is v7.3 — "
+            "re-download it (a truncated download also ends up here)"
+        )
     with h5py.File(path, "r") as f:
         for name in ("images", "depths", "labels"):
             if name not in f:
@@ -375,8 +392,10 @@ def mat_example(key: str, *, mat_path: str, mapping: np.ndarray, size: int, task
     if "seg" in tasks:
         labels = np.asarray(f["labels"][index - 1]).T.astype(np.int64)
         if labels.min() < 0 or labels.max() >= mapping.size:
-            raise BadExampleError(f"{where}: labels span [{labels.min()}, {labels.max()}], outside "
-                                  f"0..{mapping.size - 1} of the class mapping")
+            raise BadExampleError(
+                f"{where}: labels span [{labels.min()}, {labels.max()}], outside "
+                f"0..{mapping.size - 1} of the class mapping"
+            )
         example["seg"] = map_nyu40_labels(mapping[labels], where)
     if "depth" in tasks:
         example["depth"] = depth
@@ -395,6 +414,7 @@ def _find_first(src: str, names) -> str | None:
 
 # -------------------------------------------------------------------------------------------------------- driver
 
+
 def detect_layout(src: str) -> str:
     """Guess the layout from the folder's contents; fail with what was looked for."""
     if os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src, "gt_sets")):
@@ -403,8 +423,10 @@ def detect_layout(src: str) -> str:
         return "mat"
     if os.path.isdir(os.path.join(src, "train", "image")):
         return "mtan"
-    raise ValueError(f"{src}: cannot tell the NYU-v2 layout: expected images/ + gt_sets/ (nyud_mt), {MAT_FILE_NAME} "
-                     "(mat) or train/image/*.npy (mtan); pass --layout")
+    raise ValueError(
+        f"{src}: cannot tell the NYU-v2 layout: expected images/ + gt_sets/ (nyud_mt), {MAT_FILE_NAME} "
+        "(mat) or train/image/*.npy (mtan); pass --layout"
+    )
 
 
 def carve_val_from_train(splits: dict, fraction: float, seed: int) -> dict:
@@ -430,10 +452,23 @@ def carve_val_from_train(splits: dict, fraction: float, seed: int) -> dict:
     return splits
 
 
-def convert(src: str, out: str, *, layout: str | None = None, size: int = 256, shard_size: int = 256,
-            workers: int | None = None, skip_bad: bool = False, tasks=None, val_from_train: float = 0.0,
-            seed: int = 0, mat: str | None = None, mapping: str | None = None, split_file: str | None = None,
-            log=print) -> str:
+def convert(
+    src: str,
+    out: str,
+    *,
+    layout: str | None = None,
+    size: int = 256,
+    shard_size: int = 256,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    tasks=None,
+    val_from_train: float = 0.0,
+    seed: int = 0,
+    mat: str | None = None,
+    mapping: str | None = None,
+    split_file: str | None = None,
+    log=print,
+) -> str:
     """Convert one NYU-v2 source folder into shards + manifest under `out`; return the manifest path."""
     from data_prep.shards import write_manifest, write_split
 
@@ -450,8 +485,10 @@ def convert(src: str, out: str, *, layout: str | None = None, size: int = 256, s
         splits = read_nyud_mt_splits(src)
         for task, folder in (("seg", "segmentation"), ("depth", "depth"), ("normals", "normals"), ("edge", "edge")):
             if task in tasks and not os.path.isdir(os.path.join(src, folder)):
-                raise ValueError(f"{os.path.join(src, folder)}: missing folder for task {task}; restore it or "
-                                 f"leave the task out with --tasks")
+                raise ValueError(
+                    f"{os.path.join(src, folder)}: missing folder for task {task}; restore it or "
+                    f"leave the task out with --tasks"
+                )
         build = functools.partial(nyud_mt_example, src=src, size=size, tasks=tasks)
     elif layout == "mtan":
         splits = read_mtan_splits(src)
@@ -463,37 +500,61 @@ def convert(src: str, out: str, *, layout: str | None = None, size: int = 256, s
         mapping = mapping or _find_first(src, MAPPING_FILE_NAMES)
         split_file = split_file or _find_first(src, SPLIT_FILE_NAMES)
         if mapping is None and "seg" in tasks:
-            raise ValueError(f"{src}: no 894->40 class mapping found (looked for {', '.join(MAPPING_FILE_NAMES)}); "
-                             "pass --mapping FILE")
+            raise ValueError(
+                f"{src}: no 894->40 class mapping found (looked for {', '.join(MAPPING_FILE_NAMES)}); "
+                "pass --mapping FILE"
+            )
         if split_file is None:
-            raise ValueError(f"{src}: no split file found (looked for {', '.join(SPLIT_FILE_NAMES)}); pass "
-                             "--split-file FILE (splits.mat with trainNdxs/testNdxs, 1-based)")
+            raise ValueError(
+                f"{src}: no split file found (looked for {', '.join(SPLIT_FILE_NAMES)}); pass "
+                "--split-file FILE (splits.mat with trainNdxs/testNdxs, 1-based)"
+            )
         table = load_class_mapping(mapping) if "seg" in tasks else np.zeros(1, np.int64)
         splits = load_mat_splits(split_file)
         too_big = [i for ids in splits.values() for i in ids if i > num_images]
         if too_big:
             raise ValueError(f"{split_file}: index {too_big[0]} exceeds the {num_images} images of {mat}")
         build = functools.partial(mat_example, mat_path=os.path.abspath(mat), mapping=table, size=size, tasks=tasks)
-        extra.update(normals="computed from depth: back-projection with NYU Kinect intrinsics, central differences",
-                     intrinsics=NYU_KINECT_INTRINSICS)
+        extra.update(
+            normals="computed from depth: back-projection with NYU Kinect intrinsics, central differences",
+            intrinsics=NYU_KINECT_INTRINSICS,
+        )
         log(f"[nyu] normals are computed from depth ({mat} has none); edges are not available in this layout")
     splits = carve_val_from_train(splits, val_from_train, seed)
     if "val" not in splits:
-        log(f"[nyu] the source has no val split (splits: {sorted(splits)}); pass --val-from-train 0.1 to carve one "
-            "from train for early stopping")
+        log(
+            f"[nyu] the source has no val split (splits: {sorted(splits)}); pass --val-from-train 0.1 to carve one "
+            "from train for early stopping"
+        )
     os.makedirs(out, exist_ok=True)
     num_classes = {"seg": LAYOUT_NUM_CLASSES[layout]} if "seg" in tasks else {}
     entries = {}
     for split in SPLITS:
         if split in splits:
-            entries[split] = write_split(out, split, [str(k) for k in splits[split]], build, shard_size=shard_size,
-                                         num_workers=workers, skip_bad=skip_bad, image_size=(size, size),
-                                         num_classes=num_classes, desc=f"nyu {split}")
+            entries[split] = write_split(
+                out,
+                split,
+                [str(k) for k in splits[split]],
+                build,
+                shard_size=shard_size,
+                num_workers=workers,
+                skip_bad=skip_bad,
+                image_size=(size, size),
+                num_classes=num_classes,
+                desc=f"nyu {split}",
+            )
             raw_io.report_skipped(entries[split], split, log)
     features = ("image",) + tasks
-    return write_manifest(out, dataset="nyuv2", source_layout=layout, image_size=(size, size), features=features,
-                          num_classes=num_classes, splits=entries, extra=extra)
-
+    return write_manifest(
+        out,
+        dataset="nyuv2",
+        source_layout=layout,
+        image_size=(size, size),
+        features=features,
+        num_classes=num_classes,
+        splits=entries,
+        extra=extra,
+    )
 
 
 def main(argv=None) -> int:
@@ -506,8 +567,12 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--skip-bad", action="store_true", help="skip and report bad examples instead of stopping")
     parser.add_argument("--tasks", help=f"comma-separated subset of {ALL_TASKS} (default: all the layout has)")
-    parser.add_argument("--val-from-train", type=float, default=0.0,
-                        help="carve this seeded fraction of train into a val split when the source has none")
+    parser.add_argument(
+        "--val-from-train",
+        type=float,
+        default=0.0,
+        help="carve this seeded fraction of train into a val split when the source has none",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of --val-from-train")
     parser.add_argument("--mat", help=f"mat layout: path of {MAT_FILE_NAME} (default: in --src)")
     parser.add_argument("--mapping", help="mat layout: 894->40 mapping (classMapping40.mat / .npy / .txt / .json)")
@@ -515,9 +580,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None
     try:
-        path = convert(args.src, args.out, layout=args.layout, size=args.size, shard_size=args.shard_size,
-                       workers=args.workers, skip_bad=args.skip_bad, tasks=tasks, val_from_train=args.val_from_train,
-                       seed=args.seed, mat=args.mat, mapping=args.mapping, split_file=args.split_file)
+        path = convert(
+            args.src,
+            args.out,
+            layout=args.layout,
+            size=args.size,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            tasks=tasks,
+            val_from_train=args.val_from_train,
+            seed=args.seed,
+            mat=args.mat,
+            mapping=args.mapping,
+            split_file=args.split_file,
+        )
     except (ValueError, OSError) as err:  # BadExampleError is a ValueError; one line that names the file
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -43,8 +43,9 @@ def read_rgb(path: str) -> np.ndarray:
     except BadExampleError:
         raise
     except Exception as err:  # PIL raises many types for truncated / corrupt files
-        raise BadExampleError(f"{path}: cannot decode image ({type(err).__name__}: {err}); re-extract or re-download "
-                              "the file") from None
+        raise BadExampleError(
+            f"{path}: cannot decode image ({type(err).__name__}: {err}); re-extract or re-download the file"
+        ) from None
     return rgb
 
 
@@ -60,22 +61,27 @@ def read_label_image(path: str, max_label: int, what: str = "label") -> np.ndarr
             img.load()
             mode = img.mode
             if mode in ("RGB", "RGBA", "LA"):
-                raise BadExampleError(f"{path}: {what} PNG has mode {mode}; expected a single-channel 8/16-bit "
-                                      "class-id image (not a colour visualisation)")
+                raise BadExampleError(
+                    f"{path}: {what} PNG has mode {mode}; expected a single-channel 8/16-bit "
+                    "class-id image (not a colour visualisation)"
+                )
             array = np.asarray(img)
     except BadExampleError:
         raise
     except Exception as err:
-        raise BadExampleError(f"{path}: cannot decode {what} image ({type(err).__name__}: {err}); re-extract the "
-                              "file") from None
+        raise BadExampleError(
+            f"{path}: cannot decode {what} image ({type(err).__name__}: {err}); re-extract the file"
+        ) from None
     if array.ndim != 2:
         raise BadExampleError(f"{path}: {what} image has shape {array.shape}; expected [H, W]")
     if array.dtype.kind == "f":  # truncating floats to ids would change labels silently
         raise BadExampleError(f"{path}: {what} image holds floating-point values; expected integer class ids")
     labels = array.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() > max_label):
-        raise BadExampleError(f"{path}: {what} values span [{labels.min()}, {labels.max()}], outside 0..{max_label}; "
-                              "check that the file belongs to this dataset layout")
+        raise BadExampleError(
+            f"{path}: {what} values span [{labels.min()}, {labels.max()}], outside 0..{max_label}; "
+            "check that the file belongs to this dataset layout"
+        )
     return labels.astype(np.int32)
 
 
@@ -88,14 +94,17 @@ def read_npy(path: str, what: str) -> np.ndarray:
         if "pickle" in str(err).lower():
             raise BadExampleError(
                 f"{path}: {what} .npy holds a pickled object array, which is never loaded (unsafe); re-save it as a "
-                "plain numeric array, e.g. np.save(path, np.asarray(x, dtype=np.float32))") from None
+                "plain numeric array, e.g. np.save(path, np.asarray(x, dtype=np.float32))"
+            ) from None
         raise BadExampleError(f"{path}: cannot read {what} .npy ({err})") from None
     except Exception as err:
-        raise BadExampleError(f"{path}: cannot read {what} .npy ({type(err).__name__}: {err}); the file is "
-                              "truncated or not a .npy file") from None
+        raise BadExampleError(
+            f"{path}: cannot read {what} .npy ({type(err).__name__}: {err}); the file is truncated or not a .npy file"
+        ) from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
-        raise BadExampleError(f"{path}: {what} .npy has dtype {getattr(array, 'dtype', type(array))}; expected a "
-                              "numeric array")
+        raise BadExampleError(
+            f"{path}: {what} .npy has dtype {getattr(array, 'dtype', type(array))}; expected a numeric array"
+        )
     return array
 
 
@@ -111,8 +120,9 @@ def require_hw(array: np.ndarray, hw: tuple[int, int], path: str, what: str, cha
         array = array[:, :, 0]
     expected = tuple(hw) if channels is None else tuple(hw) + (channels,)
     if array.shape != expected:
-        raise BadExampleError(f"{path}: {what} has shape {array.shape} but the image needs {expected}; the files do "
-                              "not belong together")
+        raise BadExampleError(
+            f"{path}: {what} has shape {array.shape} but the image needs {expected}; the files do not belong together"
+        )
     return array
 
 

@@ -38,6 +38,7 @@ class BadExampleError(ValueError):
 # Files
 # --------------------------------------------------------------------------------------------------
 
+
 def _new_file_mode() -> int:
     """The mode open() would give a new file (0666 minus the umask); mkstemp alone would give 0600."""
     umask = os.umask(0)
@@ -72,7 +73,7 @@ def _state_path(out_dir: str, shard_file: str) -> str:
 
 def _read_state(out_dir: str, shard_file: str) -> dict | None:
     try:
-        with open(_state_path(out_dir, shard_file), "r", encoding="utf-8") as f:
+        with open(_state_path(out_dir, shard_file), encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -81,6 +82,7 @@ def _read_state(out_dir: str, shard_file: str) -> dict | None:
 # --------------------------------------------------------------------------------------------------
 # Serialisation
 # --------------------------------------------------------------------------------------------------
+
 
 def _png_bytes(array: np.ndarray) -> bytes:
     from PIL import Image  # noqa: PLC0415
@@ -127,6 +129,7 @@ def _hide_gpus_from_tf() -> None:
 # One shard (runs in a worker process)
 # --------------------------------------------------------------------------------------------------
 
+
 def _build_checked(build_example: Callable, key: str, image_size, num_classes, features) -> dict:
     """Builds and validates one example; every failure becomes a BadExampleError naming `key`."""
     try:
@@ -143,8 +146,10 @@ def _build_checked(build_example: Callable, key: str, image_size, num_classes, f
         raise BadExampleError(f"example '{key}' (id {example.get('id')!r}): {e}") from None
     present = sorted(set(example) - {data_spec.ID_FEATURE})
     if features is not None and present != sorted(features):
-        raise BadExampleError(f"example '{key}' has features {present} but the split's first example has "
-                              f"{sorted(features)}; every example of a dataset must have the same features")
+        raise BadExampleError(
+            f"example '{key}' has features {present} but the split's first example has "
+            f"{sorted(features)}; every example of a dataset must have the same features"
+        )
     return example
 
 
@@ -161,8 +166,9 @@ def _write_shard(job: dict) -> dict:
         with tf.io.TFRecordWriter(tmp_path) as writer:
             for key in job["keys"]:
                 try:
-                    example = _build_checked(job["build_example"], key, job["image_size"], job["num_classes"],
-                                             job["features"])
+                    example = _build_checked(
+                        job["build_example"], key, job["image_size"], job["num_classes"], job["features"]
+                    )
                 except BadExampleError as e:
                     if not job["skip_bad"]:
                         raise
@@ -219,10 +225,21 @@ def _remove_stale_files(out_dir: str, split: str, planned: set[str]) -> None:
 # Public API
 # --------------------------------------------------------------------------------------------------
 
-def write_split(out_dir: str, split: str, keys: Sequence[str], build_example: Callable[[str], dict], *,
-                shard_size: int = 256, num_workers: int | None = None, skip_bad: bool = False,
-                image_size: Sequence[int] | None = None, desc: str | None = None,
-                num_classes: Mapping[str, int] | None = None, overwrite: bool = False) -> dict:
+
+def write_split(
+    out_dir: str,
+    split: str,
+    keys: Sequence[str],
+    build_example: Callable[[str], dict],
+    *,
+    shard_size: int = 256,
+    num_workers: int | None = None,
+    skip_bad: bool = False,
+    image_size: Sequence[int] | None = None,
+    desc: str | None = None,
+    num_classes: Mapping[str, int] | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Writes the examples of one split as TFRecord shards in `out_dir` and returns its manifest entry.
 
     keys: ordered example keys (str); shard k holds keys[k*shard_size:(k+1)*shard_size].
@@ -257,17 +274,28 @@ def write_split(out_dir: str, split: str, keys: Sequence[str], build_example: Ca
         os.remove(manifest_path)
 
     image_size, features = _probe_first_example(keys, build_example, image_size, num_classes, skip_bad, split)
-    fingerprint = {"image_size": list(image_size), "features": features, "skip_bad": bool(skip_bad),
-                   "num_classes": dict(num_classes or {})}
+    fingerprint = {
+        "image_size": list(image_size),
+        "features": features,
+        "skip_bad": bool(skip_bad),
+        "num_classes": dict(num_classes or {}),
+    }
     num_shards = -(-len(keys) // shard_size)
     jobs = []
     for index in range(num_shards):
-        jobs.append({
-            "out_dir": out_dir, "file": data_spec.shard_file_name(split, index, num_shards),
-            "keys": keys[index * shard_size:(index + 1) * shard_size], "build_example": build_example,
-            "image_size": tuple(image_size), "num_classes": dict(num_classes or {}), "features": features,
-            "skip_bad": bool(skip_bad), "fingerprint": fingerprint,
-        })
+        jobs.append(
+            {
+                "out_dir": out_dir,
+                "file": data_spec.shard_file_name(split, index, num_shards),
+                "keys": keys[index * shard_size : (index + 1) * shard_size],
+                "build_example": build_example,
+                "image_size": tuple(image_size),
+                "num_classes": dict(num_classes or {}),
+                "features": features,
+                "skip_bad": bool(skip_bad),
+                "fingerprint": fingerprint,
+            }
+        )
     _remove_stale_files(out_dir, split, {job["file"] for job in jobs})
 
     states: dict[str, dict] = {}
@@ -309,8 +337,13 @@ def write_split(out_dir: str, split: str, keys: Sequence[str], build_example: Ca
         state = states[job["file"]]
         shards.append({k: state[k] for k in ("file", "num_examples", "sha256", "bytes")})
         skipped.extend(state["skipped"])
-    return {"num_examples": sum(s["num_examples"] for s in shards), "shards": shards, "skipped": skipped,
-            "features": features, "image_size": list(image_size)}
+    return {
+        "num_examples": sum(s["num_examples"] for s in shards),
+        "shards": shards,
+        "skipped": skipped,
+        "features": features,
+        "image_size": list(image_size),
+    }
 
 
 def _probe_first_example(keys, build_example, image_size, num_classes, skip_bad, split):
@@ -329,9 +362,17 @@ def _probe_first_example(keys, build_example, image_size, num_classes, skip_bad,
     raise BadExampleError(f"split '{split}': no example could be built; the first error was: {first_error}")
 
 
-def write_manifest(out_dir: str, *, dataset: str, source_layout: str, image_size: Sequence[int],
-                   features: Sequence[str], num_classes: Mapping[str, int], splits: Mapping[str, dict],
-                   extra: Mapping[str, Any] | None = None) -> str:
+def write_manifest(
+    out_dir: str,
+    *,
+    dataset: str,
+    source_layout: str,
+    image_size: Sequence[int],
+    features: Sequence[str],
+    num_classes: Mapping[str, int],
+    splits: Mapping[str, dict],
+    extra: Mapping[str, Any] | None = None,
+) -> str:
     """Writes DATA_DIR/manifest.json atomically, after checking it against the shards on disk.
 
     features: the feature names present (the image is added if absent); splits: {split: write_split(...)}.
@@ -356,10 +397,14 @@ def write_manifest(out_dir: str, *, dataset: str, source_layout: str, image_size
         "features": features,
         "feature_spec": data_spec.feature_spec_for_manifest(features, image_size),
         "num_classes": {str(k): int(v) for k, v in (num_classes or {}).items()},
-        "splits": {split: {"num_examples": int(entry["num_examples"]),
-                           "shards": [dict(s) for s in entry["shards"]],
-                           "skipped": list(entry.get("skipped", []))}
-                   for split, entry in splits.items()},
+        "splits": {
+            split: {
+                "num_examples": int(entry["num_examples"]),
+                "shards": [dict(s) for s in entry["shards"]],
+                "skipped": list(entry.get("skipped", [])),
+            }
+            for split, entry in splits.items()
+        },
         "extra": dict(extra or {}),
     }
     path = os.path.join(out_dir, data_spec.MANIFEST_NAME)

@@ -43,14 +43,16 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 GENERATOR_VERSION = 1
 
 # Base albedo per class (RGB in [0,1]); objects get a random tint on top.
-CLASS_ALBEDO = np.array([
-    [0.80, 0.76, 0.66],  # wall
-    [0.55, 0.38, 0.24],  # floor
-    [0.92, 0.92, 0.95],  # ceiling
-    [0.85, 0.20, 0.18],  # sphere
-    [0.20, 0.45, 0.85],  # box
-    [0.25, 0.70, 0.30],  # panel
-])
+CLASS_ALBEDO = np.array(
+    [
+        [0.80, 0.76, 0.66],  # wall
+        [0.55, 0.38, 0.24],  # floor
+        [0.92, 0.92, 0.95],  # ceiling
+        [0.85, 0.20, 0.18],  # sphere
+        [0.20, 0.45, 0.85],  # box
+        [0.25, 0.70, 0.30],  # panel
+    ]
+)
 
 
 def intrinsics(image_size: int) -> tuple[float, float, float]:
@@ -82,7 +84,7 @@ def _hit_plane(rays, normal, offset):
 def _hit_sphere(rays, centre, radius):
     a = np.einsum("...k,...k->...", rays, rays)
     b = rays @ centre
-    c = centre @ centre - radius ** 2
+    c = centre @ centre - radius**2
     disc = b * b - a * c
     with np.errstate(invalid="ignore"):
         t = (b - np.sqrt(disc)) / a
@@ -123,9 +125,9 @@ def render_scene(rng: np.random.Generator, image_size: int, num_classes: int = 6
         raise ValueError(f"num_classes must be in {MIN_CLASSES}..{len(CLASS_NAMES)}, got {num_classes}")
     pitch = rng.uniform(0.0, np.deg2rad(15.0))
     # camera -> world: looking down by `pitch` (y points down, so forward tilts towards +y).
-    cam_to_world = np.array([[1.0, 0.0, 0.0],
-                             [0.0, np.cos(pitch), np.sin(pitch)],
-                             [0.0, -np.sin(pitch), np.cos(pitch)]])
+    cam_to_world = np.array(
+        [[1.0, 0.0, 0.0], [0.0, np.cos(pitch), np.sin(pitch)], [0.0, -np.sin(pitch), np.cos(pitch)]]
+    )
     rays = camera_rays(image_size) @ cam_to_world.T  # world-frame directions, t is still camera z-depth
 
     floor_y, ceiling_y = rng.uniform(1.0, 1.6), -rng.uniform(1.2, 2.0)
@@ -164,8 +166,9 @@ def render_scene(rng: np.random.Generator, image_size: int, num_classes: int = 6
             composite(t, cls, box_normals, colour)
         else:
             yaw, tilt = rng.uniform(-0.9, 0.9), rng.uniform(-0.7, 0.7)
-            rotation = _rotation_y(yaw) @ np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)],
-                                                    [0, np.sin(tilt), np.cos(tilt)]])
+            rotation = _rotation_y(yaw) @ np.array(
+                [[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]]
+            )
             e1, e2, normal = rotation[:, 0], rotation[:, 1], rotation[:, 2]
             centre = np.array([x, floor_y - rng.uniform(0.5, 1.3), z])
             if normal @ centre > 0:  # face the camera
@@ -240,9 +243,19 @@ def build_example(key: str, *, seed: int, image_size: int, num_classes: int) -> 
     return example
 
 
-def generate(out_dir: str, *, num_train: int = 768, num_val: int = 128, num_test: int = 128, image_size: int = 64,
-             seed: int = 0, num_classes: int = 6, shard_size: int = 256, num_workers: int | None = 0,
-             force: bool = False) -> str:
+def generate(
+    out_dir: str,
+    *,
+    num_train: int = 768,
+    num_val: int = 128,
+    num_test: int = 128,
+    image_size: int = 64,
+    seed: int = 0,
+    num_classes: int = 6,
+    shard_size: int = 256,
+    num_workers: int | None = 0,
+    force: bool = False,
+) -> str:
     """Writes the demo dataset to `out_dir` and returns its manifest path.
 
     Returns at once when `out_dir` already holds a finished dataset with the same parameters (`force`
@@ -256,8 +269,14 @@ def generate(out_dir: str, *, num_train: int = 768, num_val: int = 128, num_test
     counts = {"train": num_train, "val": num_val, "test": num_test}
     if any(n <= 0 for n in counts.values()):
         raise ValueError(f"every split needs at least one example, got {counts}")
-    parameters = {"generator_version": GENERATOR_VERSION, "seed": seed, "image_size": image_size,
-                  "num_classes": num_classes, "counts": counts, "shard_size": shard_size}
+    parameters = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "num_classes": num_classes,
+        "counts": counts,
+        "shard_size": shard_size,
+    }
     manifest_path = os.path.join(out_dir, data_spec.MANIFEST_NAME)
     if not force and os.path.isfile(manifest_path):
         try:
@@ -272,19 +291,38 @@ def generate(out_dir: str, *, num_train: int = 768, num_val: int = 128, num_test
     for split, count in counts.items():
         # The seed is part of the key, so that shards of another seed are never taken as finished.
         keys = [f"s{seed}-{split}-{index:06d}" for index in range(count)]
-        splits[split] = shards.write_split(out_dir, split, keys, builder, shard_size=shard_size,
-                                           num_workers=num_workers, image_size=(image_size, image_size),
-                                           num_classes={"seg": num_classes}, desc=f"synthetic {split}",
-                                           overwrite=force)
+        splits[split] = shards.write_split(
+            out_dir,
+            split,
+            keys,
+            builder,
+            shard_size=shard_size,
+            num_workers=num_workers,
+            image_size=(image_size, image_size),
+            num_classes={"seg": num_classes},
+            desc=f"synthetic {split}",
+            overwrite=force,
+        )
     focal, cx, cy = intrinsics(image_size)
     return shards.write_manifest(
-        out_dir, dataset="synthetic", source_layout="procedural", image_size=(image_size, image_size),
-        features=["image", "seg", "depth", "normals", "edge"], num_classes={"seg": num_classes}, splits=splits,
-        extra={"generator": parameters, "class_names": list(CLASS_NAMES[:num_classes]), "focal_px": focal,
-               "principal_point": [cx, cy], "pixel_centre": "(u, v) = (column + 0.5, row + 0.5)",
-               "normals_frame": "camera: x right, y down, z forward; unit, facing the camera; (0,0,0) = invalid",
-               "depth": "z-depth in metres; 0 = invalid (sensor-like holes)",
-               "edge_rule": f"class change or relative depth jump > {EDGE_REL_DEPTH_JUMP} to a 4-neighbour"})
+        out_dir,
+        dataset="synthetic",
+        source_layout="procedural",
+        image_size=(image_size, image_size),
+        features=["image", "seg", "depth", "normals", "edge"],
+        num_classes={"seg": num_classes},
+        splits=splits,
+        extra={
+            "generator": parameters,
+            "class_names": list(CLASS_NAMES[:num_classes]),
+            "focal_px": focal,
+            "principal_point": [cx, cy],
+            "pixel_centre": "(u, v) = (column + 0.5, row + 0.5)",
+            "normals_frame": "camera: x right, y down, z forward; unit, facing the camera; (0,0,0) = invalid",
+            "depth": "z-depth in metres; 0 = invalid (sensor-like holes)",
+            "edge_rule": f"class change or relative depth jump > {EDGE_REL_DEPTH_JUMP} to a 4-neighbour",
+        },
+    )
 
 
 def main(argv=None) -> int:
@@ -295,20 +333,33 @@ def main(argv=None) -> int:
     parser.add_argument("--num-test", type=int, default=128)
     parser.add_argument("--size", type=int, default=64, help="image height = width, in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-classes", type=int, default=6, help=f"{MIN_CLASSES}..{len(CLASS_NAMES)}: "
-                        + ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES)))
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=6,
+        help=f"{MIN_CLASSES}..{len(CLASS_NAMES)}: " + ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES)),
+    )
     parser.add_argument("--shard-size", type=int, default=256, help="examples per shard")
     parser.add_argument("--num-workers", type=int, default=0, help="worker processes (0: this process)")
     parser.add_argument("--force", action="store_true", help="rewrite every shard")
     args = parser.parse_args(argv)
     try:
-        path = generate(args.out, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
-                        image_size=args.size, seed=args.seed, num_classes=args.num_classes,
-                        shard_size=args.shard_size, num_workers=args.num_workers, force=args.force)
+        path = generate(
+            args.out,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            num_test=args.num_test,
+            image_size=args.size,
+            seed=args.seed,
+            num_classes=args.num_classes,
+            shard_size=args.shard_size,
+            num_workers=args.num_workers,
+            force=args.force,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
     counts = {split: entry["num_examples"] for split, entry in manifest["splits"].items()}
     print(f"wrote {path}: {counts}")

@@ -51,8 +51,10 @@ TASK_FEATURES: dict[str, str] = {name: name for name in DENSE_FEATURES + ATTRIBU
 SHARD_NAME_RE = re.compile(r"^(?P<split>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.tfrecord$")
 VERIFY_MODES = ("none", "size", "sha256")
 
-CONVERT_HINT = ("run: python -m data_prep.synthetic --out DIR for the demo data, or convert a dataset with "
-                "python -m data_prep.nyu / data_prep.celeba (README, section 'Data')")
+CONVERT_HINT = (
+    "run: python -m data_prep.synthetic --out DIR for the demo data, or convert a dataset with "
+    "python -m data_prep.nyu / data_prep.celeba (README, section 'Data')"
+)
 
 
 class DataError(ValueError):
@@ -90,8 +92,13 @@ def sha256_of_file(path: str, chunk_bytes: int = 1 << 20) -> str:
 # Example validation (used by the writer on every example before it is serialised)
 # --------------------------------------------------------------------------------------------------
 
-def validate_example(example: Mapping[str, Any], *, image_size: tuple[int, int] | None = None,
-                     num_classes: Mapping[str, int] | None = None) -> None:
+
+def validate_example(
+    example: Mapping[str, Any],
+    *,
+    image_size: tuple[int, int] | None = None,
+    num_classes: Mapping[str, int] | None = None,
+) -> None:
     """Raises ValueError with a one-line reason when `example` breaks the feature spec.
 
     `image_size` (H, W) fixes the spatial shape of every dense feature; when None, the image's own size is
@@ -107,8 +114,10 @@ def validate_example(example: Mapping[str, Any], *, image_size: tuple[int, int] 
         raise ValueError("missing 'image' (uint8 [H,W,3])")
     image = example["image"]
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"'image' must be a numpy array [H,W,3], got {_describe(image)}; convert grayscale or "
-                         f"RGBA images to RGB first")
+        raise ValueError(
+            f"'image' must be a numpy array [H,W,3], got {_describe(image)}; convert grayscale or "
+            f"RGBA images to RGB first"
+        )
     if image_size is None:
         image_size = image.shape[:2]
     image_size = tuple(int(s) for s in image_size)
@@ -121,31 +130,41 @@ def validate_example(example: Mapping[str, Any], *, image_size: tuple[int, int] 
             continue
         expected_shape = feature_shape(name, image_size)
         if not isinstance(value, np.ndarray):
-            raise ValueError(f"'{name}' must be a numpy array {list(expected_shape)} {spec['dtype']}, "
-                             f"got {_describe(value)}")
+            raise ValueError(
+                f"'{name}' must be a numpy array {list(expected_shape)} {spec['dtype']}, got {_describe(value)}"
+            )
         if value.dtype != np.dtype(spec["dtype"]):
-            raise ValueError(f"'{name}' has dtype {value.dtype}, expected {spec['dtype']}; cast it with "
-                             f".astype(np.{spec['dtype']}) after checking its range")
+            raise ValueError(
+                f"'{name}' has dtype {value.dtype}, expected {spec['dtype']}; cast it with "
+                f".astype(np.{spec['dtype']}) after checking its range"
+            )
         if value.shape != expected_shape:
-            raise ValueError(f"'{name}' has shape {list(value.shape)}, expected {list(expected_shape)}; resize it "
-                             f"to the dataset's image size {list(image_size)}")
+            raise ValueError(
+                f"'{name}' has shape {list(value.shape)}, expected {list(expected_shape)}; resize it "
+                f"to the dataset's image size {list(image_size)}"
+            )
         if spec["encoding"] == "raw_f32" and not np.all(np.isfinite(value)):
             bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
             raise ValueError(f"'{name}' has {bad} NaN/inf values; store invalid pixels as 0 instead")
         if name == "depth" and np.any(value < 0):
-            raise ValueError(f"'depth' has negative values (min {float(value.min()):g}); depth is in metres with "
-                             f"0 = invalid")
+            raise ValueError(
+                f"'depth' has negative values (min {float(value.min()):g}); depth is in metres with 0 = invalid"
+            )
         if name == "normals" and np.any(np.abs(value) > 1.0 + 1e-3):
-            raise ValueError(f"'normals' has components outside [-1, 1] (max |n_i| {float(np.abs(value).max()):g}); "
-                             f"store unit vectors in [-1, 1], not an image encoding such as 0..255")
+            raise ValueError(
+                f"'normals' has components outside [-1, 1] (max |n_i| {float(np.abs(value).max()):g}); "
+                f"store unit vectors in [-1, 1], not an image encoding such as 0..255"
+            )
         if name == "seg":
             limit = None if not num_classes else num_classes.get("seg")
             if limit is not None:
                 bad = (value >= limit) & (value != IGNORE_LABEL)
                 if np.any(bad):
                     labels = sorted(int(v) for v in np.unique(value[bad]))
-                    raise ValueError(f"'seg' has label(s) {labels[:8]} outside 0..{limit - 1} (255 = ignore); "
-                                     f"check the label mapping or num_classes")
+                    raise ValueError(
+                        f"'seg' has label(s) {labels[:8]} outside 0..{limit - 1} (255 = ignore); "
+                        f"check the label mapping or num_classes"
+                    )
 
 
 def _validate_attribute(name: str, value: Any) -> None:
@@ -154,8 +173,7 @@ def _validate_attribute(name: str, value: Any) -> None:
     if isinstance(value, (bool, np.bool_)):
         value = int(value)
     if not isinstance(value, (int, np.integer)) or int(value) not in (0, 1):
-        raise ValueError(f"attribute '{name}' must be an int in {{0, 1}}, got {value!r}; map -1/+1 "
-                         f"annotations to 0/1")
+        raise ValueError(f"attribute '{name}' must be an int in {{0, 1}}, got {value!r}; map -1/+1 annotations to 0/1")
 
 
 def _describe(value: Any) -> str:
@@ -168,6 +186,7 @@ def _describe(value: Any) -> str:
 # Manifest
 # --------------------------------------------------------------------------------------------------
 
+
 def feature_spec_for_manifest(features, image_size) -> dict[str, dict[str, Any]]:
     return {name: dict(FEATURE_SPECS[name], shape=list(feature_shape(name, image_size))) for name in features}
 
@@ -176,22 +195,26 @@ def validate_manifest(manifest: Any, path: str = MANIFEST_NAME) -> dict:
     """Checks the manifest's schema; raises DataError naming `path` on the first problem."""
 
     def fail(reason: str):
-        raise DataError(f"{path}: {reason}; the conversion is incomplete or from another tool, rerun the "
-                        f"converter into an empty directory")
+        raise DataError(
+            f"{path}: {reason}; the conversion is incomplete or from another tool, rerun the "
+            f"converter into an empty directory"
+        )
 
     if not isinstance(manifest, dict):
         fail("not a JSON object")
     if manifest.get("format") != FORMAT_NAME:
         fail(f"'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
-        fail(f"format_version {manifest.get('format_version')!r} is not supported (this code reads "
-             f"{FORMAT_VERSION})")
+        fail(f"format_version {manifest.get('format_version')!r} is not supported (this code reads {FORMAT_VERSION})")
     for key in ("dataset", "source_layout"):
         if not isinstance(manifest.get(key), str):
             fail(f"'{key}' must be a string")
     image_size = manifest.get("image_size")
-    if (not isinstance(image_size, list) or len(image_size) != 2
-            or not all(isinstance(s, int) and s > 0 for s in image_size)):
+    if (
+        not isinstance(image_size, list)
+        or len(image_size) != 2
+        or not all(isinstance(s, int) and s > 0 for s in image_size)
+    ):
         fail(f"'image_size' must be [H, W] with positive ints, got {image_size!r}")
     features = manifest.get("features")
     if not isinstance(features, list) or "image" not in features:
@@ -240,10 +263,12 @@ def load_manifest(data_dir: str, *, verify: str = "size") -> dict:
         raise DataError(f"data directory {data_dir} does not exist; {CONVERT_HINT.replace('DIR', data_dir)}")
     path = os.path.join(data_dir, MANIFEST_NAME)
     if not os.path.isfile(path):
-        raise DataError(f"{path} not found: {data_dir} holds no finished conversion (the manifest is written last); "
-                        f"rerun the converter, it resumes where it stopped; {CONVERT_HINT.replace('DIR', data_dir)}")
+        raise DataError(
+            f"{path} not found: {data_dir} holds no finished conversion (the manifest is written last); "
+            f"rerun the converter, it resumes where it stopped; {CONVERT_HINT.replace('DIR', data_dir)}"
+        )
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(f"{path} is not readable JSON ({e}); rerun the converter") from None
@@ -258,21 +283,28 @@ def verify_split_shards(data_dir: str, manifest: dict, split: str, *, verify: st
     for shard in manifest["splits"][split]["shards"]:
         shard_path = os.path.join(data_dir, shard["file"])
         if not os.path.isfile(shard_path):
-            raise DataError(f"shard {shard_path} listed in {MANIFEST_NAME} is missing; rerun the converter with the "
-                            f"same --out to rebuild it")
+            raise DataError(
+                f"shard {shard_path} listed in {MANIFEST_NAME} is missing; rerun the converter with the "
+                f"same --out to rebuild it"
+            )
         size = os.path.getsize(shard_path)
         if size != shard["bytes"]:
-            raise DataError(f"shard {shard_path} is {size} bytes but {MANIFEST_NAME} says {shard['bytes']} "
-                            f"(truncated or overwritten); delete it and rerun the converter to rebuild it")
+            raise DataError(
+                f"shard {shard_path} is {size} bytes but {MANIFEST_NAME} says {shard['bytes']} "
+                f"(truncated or overwritten); delete it and rerun the converter to rebuild it"
+            )
         if verify == "sha256" and sha256_of_file(shard_path) != shard["sha256"]:
-            raise DataError(f"shard {shard_path} fails its sha256 checksum (corrupted); delete it and rerun the "
-                            f"converter to rebuild it")
+            raise DataError(
+                f"shard {shard_path} fails its sha256 checksum (corrupted); delete it and rerun the "
+                f"converter to rebuild it"
+            )
 
 
 def split_entry(manifest: dict, split: str, data_dir: str = "") -> dict:
     if split not in manifest["splits"]:
-        raise DataError(f"split '{split}' is not in {os.path.join(data_dir, MANIFEST_NAME)}; it has "
-                        f"{sorted(manifest['splits'])}")
+        raise DataError(
+            f"split '{split}' is not in {os.path.join(data_dir, MANIFEST_NAME)}; it has {sorted(manifest['splits'])}"
+        )
     return manifest["splits"][split]
 
 
@@ -284,10 +316,12 @@ def features_for_tasks(manifest: dict, tasks, data_dir: str = "") -> list[str]:
             raise DataError(f"unknown task '{task}'; known tasks are {sorted(TASK_FEATURES)}")
         feature = TASK_FEATURES[task]
         if feature not in manifest["features"]:
-            raise DataError(f"task '{task}' needs feature '{feature}', which {data_dir or 'the data directory'} "
-                            f"(dataset '{manifest['dataset']}') does not have; its tasks are "
-                            f"{available_tasks(manifest['features'])}; remove '{task}' from the config's tasks or "
-                            f"use a dataset that has it")
+            raise DataError(
+                f"task '{task}' needs feature '{feature}', which {data_dir or 'the data directory'} "
+                f"(dataset '{manifest['dataset']}') does not have; its tasks are "
+                f"{available_tasks(manifest['features'])}; remove '{task}' from the config's tasks or "
+                f"use a dataset that has it"
+            )
         if feature not in features:
             features.append(feature)
     return ["image"] + features

@@ -30,7 +30,7 @@ from mtl_sparse_jax.data_spec import DataError
 DEPTH_NORMS = ("reference", "fixed", "none")
 AUTO_CACHE_MAX_BYTES = 1 << 30  # splits whose shards are smaller are decoded once and kept in memory
 STREAM_SHUFFLE_BUFFER = 2048
-_DECODED_CACHE: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
+_DECODED_CACHE: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
 _DECODED_CACHE_ENTRIES = 4  # train, val and test of one dataset, plus one spare
 
 _tf_module = None
@@ -54,6 +54,7 @@ def _tf():
 # Public helpers on the manifest
 # --------------------------------------------------------------------------------------------------
 
+
 def num_examples(data_dir: str, split: str) -> int:
     manifest = data_spec.load_manifest(data_dir, verify="none")
     return data_spec.split_entry(manifest, split, data_dir)["num_examples"]
@@ -61,13 +62,13 @@ def num_examples(data_dir: str, split: str) -> int:
 
 def steps_per_epoch(data_dir: str, split: str, batch_size: int, *, train: bool, process_count: int = 1) -> int:
     """Batches each process yields per epoch (the same on every process)."""
-    return data_spec.steps_for(num_examples(data_dir, split), batch_size, train=train,
-                               process_count=process_count)
+    return data_spec.steps_for(num_examples(data_dir, split), batch_size, train=train, process_count=process_count)
 
 
 # --------------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------------
+
 
 def _pad_values() -> dict:
     """Fill value of each batch key for padding examples (weight 0)."""
@@ -109,8 +110,7 @@ def _normalise_depth(depth, depth_norm: str, depth_max_m: float):
     else:
         scale = tf.constant(1.0, tf.float64)
         normalised = tf.cast(depth, tf.float64)
-    return (tf.cast(normalised, tf.float32)[..., None], tf.cast(valid, tf.uint8)[..., None],
-            tf.cast(scale, tf.float32))
+    return (tf.cast(normalised, tf.float32)[..., None], tf.cast(valid, tf.uint8)[..., None], tf.cast(scale, tf.float32))
 
 
 def _make_decoder(features, image_size, depth_norm: str, depth_max_m: float, with_ids: bool):
@@ -137,7 +137,8 @@ def _make_decoder(features, image_size, depth_norm: str, depth_max_m: float, wit
                 out["seg"] = tf.ensure_shape(tf.io.decode_png(value, channels=1)[..., 0], [height, width])
             elif name == "depth":
                 out["depth"], out["depth_valid"], out["depth_scale"] = _normalise_depth(
-                    raw_f32(value, [height, width]), depth_norm, depth_max_m)
+                    raw_f32(value, [height, width]), depth_norm, depth_max_m
+                )
             elif name == "normals":
                 out["normals"] = raw_f32(value, [height, width, 3])
             elif name == "edge":
@@ -184,8 +185,10 @@ def _pad_batch_to(batch, batch_size: int):
 def _zero_batch(element_spec, batch_size: int):
     tf = _tf()
     fills = _pad_values()
-    return {key: tf.fill([batch_size] + spec.shape[1:].as_list(), tf.constant(fills.get(key, 0), spec.dtype))
-            for key, spec in element_spec.items()}
+    return {
+        key: tf.fill([batch_size] + spec.shape[1:].as_list(), tf.constant(fills.get(key, 0), spec.dtype))
+        for key, spec in element_spec.items()
+    }
 
 
 def _epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
@@ -199,18 +202,23 @@ def _epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
 # Streaming (large splits) and cached (small splits) datasets
 # --------------------------------------------------------------------------------------------------
 
+
 def _record_dataset(files, *, shuffle_seed: int | None, interleave: bool):
     tf = _tf()
     files_ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_seed is not None:
         files_ds = files_ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=False)
     return files_ds.interleave(
-        tf.data.TFRecordDataset, cycle_length=min(4, len(files)) if interleave else 1, block_length=1,
-        **({"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True} if interleave else {}))
+        tf.data.TFRecordDataset,
+        cycle_length=min(4, len(files)) if interleave else 1,
+        block_length=1,
+        **({"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True} if interleave else {}),
+    )
 
 
-def _streaming_dataset(files, decode, *, batch_size, train, seed, epoch, process_index, process_count, steps,
-                       num_total):
+def _streaming_dataset(
+    files, decode, *, batch_size, train, seed, epoch, process_index, process_count, steps, num_total
+):
     tf = _tf()
     _, file_seed, buffer_seed = _epoch_seeds(seed, epoch)
     ds = _record_dataset(files, shuffle_seed=file_seed if train else None, interleave=train)
@@ -251,7 +259,7 @@ def _cached_dataset(arrays, *, batch_size, train, seed, epoch, process_index, pr
     tf = _tf()
     if train:
         rng, _, _ = _epoch_seeds(seed, epoch)
-        mine = rng.permutation(num_total)[process_index::process_count][:steps * batch_size]
+        mine = rng.permutation(num_total)[process_index::process_count][: steps * batch_size]
     else:
         mine = np.arange(num_total)[process_index::process_count]
         mine = np.concatenate([mine, np.full(steps * batch_size - len(mine), -1)])
@@ -268,18 +276,34 @@ def _cached_dataset(arrays, *, batch_size, train, seed, epoch, process_index, pr
             out[key] = tf.where(mask, values, tf.constant(fills.get(key, 0), table.dtype))
         return out
 
-    return tf.data.Dataset.from_tensor_slices(index_batches).map(gather, num_parallel_calls=tf.data.AUTOTUNE,
-                                                                 deterministic=True)
+    return tf.data.Dataset.from_tensor_slices(index_batches).map(
+        gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
 
-def make_dataset(data_dir: str, split: str, *, tasks, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
-                 depth_norm: str = "reference", depth_max_m: float = 10.0, process_index: int | None = None,
-                 process_count: int | None = None, cache: bool | None = None, prefetch: int = 2,
-                 with_ids: bool = False, verify: str = "size"):
+
+def make_dataset(
+    data_dir: str,
+    split: str,
+    *,
+    tasks,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    depth_norm: str = "reference",
+    depth_max_m: float = 10.0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    cache: bool | None = None,
+    prefetch: int = 2,
+    with_ids: bool = False,
+    verify: str = "size",
+):
     """One epoch of `split` for this process, as a tf.data.Dataset of batch dicts (see the module docstring).
 
     batch_size: the per-process batch. train=True: order from (seed, epoch), drop_remainder, weight 1.
@@ -311,8 +335,10 @@ def make_dataset(data_dir: str, split: str, *, tasks, batch_size: int, train: bo
     num_total = entry["num_examples"]
     steps = data_spec.steps_for(num_total, batch_size, train=train, process_count=process_count)
     if steps == 0:
-        raise DataError(f"split '{split}' of {data_dir} has {num_total} examples, fewer than one batch of "
-                        f"{batch_size} per process for {process_count} process(es); lower the batch size")
+        raise DataError(
+            f"split '{split}' of {data_dir} has {num_total} examples, fewer than one batch of "
+            f"{batch_size} per process for {process_count} process(es); lower the batch size"
+        )
     files = [os.path.join(data_dir, shard["file"]) for shard in entry["shards"]]
     image_size = tuple(manifest["image_size"])
     tf = _tf()
@@ -320,11 +346,26 @@ def make_dataset(data_dir: str, split: str, *, tasks, batch_size: int, train: bo
     split_bytes = sum(shard["bytes"] for shard in entry["shards"])
     if cache is None:
         cache = split_bytes < AUTO_CACHE_MAX_BYTES
-    layout = dict(batch_size=batch_size, train=train, seed=seed, epoch=epoch, process_index=process_index,
-                  process_count=process_count, steps=steps, num_total=num_total)
+    layout = dict(
+        batch_size=batch_size,
+        train=train,
+        seed=seed,
+        epoch=epoch,
+        process_index=process_index,
+        process_count=process_count,
+        steps=steps,
+        num_total=num_total,
+    )
     if cache:
-        cache_key = (os.path.abspath(data_dir), split, tuple(features), depth_norm, float(depth_max_m), with_ids,
-                     tuple((s["file"], s["sha256"], s["bytes"]) for s in entry["shards"]))
+        cache_key = (
+            os.path.abspath(data_dir),
+            split,
+            tuple(features),
+            depth_norm,
+            float(depth_max_m),
+            with_ids,
+            tuple((s["file"], s["sha256"], s["bytes"]) for s in entry["shards"]),
+        )
         try:
             arrays = _decoded_split(files, decode, cache_key)
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
@@ -339,18 +380,45 @@ def make_dataset(data_dir: str, split: str, *, tasks, batch_size: int, train: bo
     return ds.prefetch(prefetch) if prefetch else ds
 
 
-def iterate_batches(data_dir: str, split: str, *, tasks, batch_size: int, train: bool, seed: int = 0,
-                    epoch: int = 0, depth_norm: str = "reference", depth_max_m: float = 10.0,
-                    process_index: int | None = None, process_count: int | None = None, cache: bool | None = None,
-                    prefetch: int = 2, with_ids: bool = False, verify: str = "size") -> Iterator[dict]:
+def iterate_batches(
+    data_dir: str,
+    split: str,
+    *,
+    tasks,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    depth_norm: str = "reference",
+    depth_max_m: float = 10.0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    cache: bool | None = None,
+    prefetch: int = 2,
+    with_ids: bool = False,
+    verify: str = "size",
+) -> Iterator[dict]:
     """make_dataset(...) as dicts of numpy arrays; a corrupted shard raises DataError naming it.
 
     Argument errors (a missing task, directory or manifest) are raised here, not at the first batch.
     """
-    ds = make_dataset(data_dir, split, tasks=tasks, batch_size=batch_size, train=train, seed=seed, epoch=epoch,
-                      depth_norm=depth_norm, depth_max_m=depth_max_m, process_index=process_index,
-                      process_count=process_count, cache=cache, prefetch=prefetch, with_ids=with_ids,
-                      verify=verify)
+    ds = make_dataset(
+        data_dir,
+        split,
+        tasks=tasks,
+        batch_size=batch_size,
+        train=train,
+        seed=seed,
+        epoch=epoch,
+        depth_norm=depth_norm,
+        depth_max_m=depth_max_m,
+        process_index=process_index,
+        process_count=process_count,
+        cache=cache,
+        prefetch=prefetch,
+        with_ids=with_ids,
+        verify=verify,
+    )
     return _numpy_batches(ds, data_dir, split)
 
 
@@ -370,5 +438,7 @@ def _corruption_error(data_dir, manifest, split, error) -> DataError:
     except DataError as named:
         return named
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return DataError(f"split '{split}' of {data_dir} cannot be decoded ({first_line}); its shards match their "
-                     f"checksums, so the converter wrote bad data: rerun it into an empty directory")
+    return DataError(
+        f"split '{split}' of {data_dir} cannot be decoded ({first_line}); its shards match their "
+        f"checksums, so the converter wrote bad data: rerun it into an empty directory"
+    )

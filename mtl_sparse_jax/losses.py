@@ -109,8 +109,10 @@ def _check_dense_raw(raw, task: str, channels: int | None = None):
 
 def _check_target(target, raw, key: str, channels: int | None):
     want_ndim = 3 if channels is None else 4
-    if target.ndim != want_ndim or target.shape[0] != raw.shape[0] or (
-        channels is not None and target.shape[-1] != channels
+    if (
+        target.ndim != want_ndim
+        or target.shape[0] != raw.shape[0]
+        or (channels is not None and target.shape[-1] != channels)
     ):
         want = "[B,H,W]" if channels is None else f"[B,H,W,{channels}]"
         raise ValueError(

@@ -1,64 +1,68 @@
 """Command line: train, evaluate or benchmark. Kept short on purpose; the work happens in train.py.
 
-  python -m mtl_sparse_jax.main --config configs/nyu.py --workdir runs/nyu [--config.sparsity.lam=1e-6]
-  python -m mtl_sparse_jax.main --mode eval --workdir runs/nyu
-  python -m mtl_sparse_jax.main --mode bench --workdir runs/nyu
+python -m mtl_sparse_jax.main --config configs/nyu.py --workdir runs/nyu [--config.sparsity.lam=1e-6]
+python -m mtl_sparse_jax.main --mode eval --workdir runs/nyu
+python -m mtl_sparse_jax.main --mode bench --workdir runs/nyu
 """
 
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/nyu.py; --config.a.b=v overrides a field.',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'bench'], 'train (resumes), eval (test split) or bench.')
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/nyu.py; --config.a.b=v overrides a field.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "bench"], "train (resumes), eval (test split) or bench.")
 
 
 def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
-  if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}; flags look like --config.sparsity.lam=1e-6')
-  if not FLAGS.workdir:
-    _fail('--workdir is required, e.g. --workdir runs/demo')
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; flags look like --config.sparsity.lam=1e-6")
+    if not FLAGS.workdir:
+        _fail("--workdir is required, e.g. --workdir runs/demo")
 
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the console shows progress bars
-  import jax  # after flag parsing, so --help is fast
-  # Reruns (resume, eval, the demo) skip XLA compilation through a persistent cache.
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser('~/.cache/mtl_sparse_jax/xla'))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  from mtl_sparse_jax import config_utils, data_spec, train
+    from absl import logging
 
-  try:
-    config = FLAGS.config
-    if config is None:
-      if FLAGS.mode == 'train':
-        _fail('--config is required for training, e.g. --config configs/demo.py')
-      config = config_utils.load(os.path.join(FLAGS.workdir, 'config.json'))
-    if FLAGS.mode == 'bench':
-      from mtl_sparse_jax import benchmark
-      benchmark.run_from_workdir(config, FLAGS.workdir)
-      return
-    if FLAGS.mode == 'train':
-      train.train_and_evaluate(config, FLAGS.workdir)
-    else:
-      train.evaluate_workdir(config, FLAGS.workdir)
-    with open(os.path.join(FLAGS.workdir, 'results.md')) as f:
-      print(f.read())
-  except (config_utils.ConfigError, data_spec.DataError, train.NonFiniteLossError, FileNotFoundError) as e:
-    _fail(str(e))
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the console shows progress bars
+    import jax  # after flag parsing, so --help is fast
+
+    # Reruns (resume, eval, the demo) skip XLA compilation through a persistent cache.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mtl_sparse_jax/xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from mtl_sparse_jax import config_utils, data_spec, train
+
+    try:
+        config = FLAGS.config
+        if config is None:
+            if FLAGS.mode == "train":
+                _fail("--config is required for training, e.g. --config configs/demo.py")
+            config = config_utils.load(os.path.join(FLAGS.workdir, "config.json"))
+        if FLAGS.mode == "bench":
+            from mtl_sparse_jax import benchmark
+
+            benchmark.run_from_workdir(config, FLAGS.workdir)
+            return
+        if FLAGS.mode == "train":
+            train.train_and_evaluate(config, FLAGS.workdir)
+        else:
+            train.evaluate_workdir(config, FLAGS.workdir)
+        with open(os.path.join(FLAGS.workdir, "results.md")) as f:
+            print(f.read())
+    except (config_utils.ConfigError, data_spec.DataError, train.NonFiniteLossError, FileNotFoundError) as e:
+        _fail(str(e))
 
 
-if __name__ == '__main__':
-  app.run(main)
+if __name__ == "__main__":
+    app.run(main)

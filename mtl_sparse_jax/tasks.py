@@ -102,8 +102,11 @@ class Task:
 
     def init_stats(self):
         """Zero sufficient statistics, including the loss's numerator and denominator."""
-        return {"loss_num": jnp.zeros((), jnp.float32), "loss_den": jnp.zeros((), jnp.float32),
-                "metric": self.stats_init_fn()}
+        return {
+            "loss_num": jnp.zeros((), jnp.float32),
+            "loss_den": jnp.zeros((), jnp.float32),
+            "metric": self.stats_init_fn(),
+        }
 
     def update_stats(self, stats, raw, batch):
         """Stats plus this batch's; jittable. Padded examples (weight 0) add nothing."""
@@ -154,8 +157,13 @@ def build_segmentation(name="seg", **options) -> Task:
     opts = _check_options(
         name,
         options,
-        {"num_classes": 40, "num_logits": None, "label_smoothing": 0.1, "ignore_label": 255,
-         "loss_resolution": "feature"},
+        {
+            "num_classes": 40,
+            "num_logits": None,
+            "label_smoothing": 0.1,
+            "ignore_label": 255,
+            "loss_resolution": "feature",
+        },
     )
     num_classes = int(opts["num_classes"])
     num_logits = int(opts["num_logits"] or num_classes)
@@ -185,7 +193,9 @@ def build_segmentation(name="seg", **options) -> Task:
         ),
         stats_init_fn=functools.partial(metrics.segmentation_init_stats, num_classes, num_logits),
         stats_update_fn=functools.partial(
-            metrics.segmentation_update_stats, num_classes=num_classes, ignore_label=int(opts["ignore_label"]),
+            metrics.segmentation_update_stats,
+            num_classes=num_classes,
+            ignore_label=int(opts["ignore_label"]),
             target_key=name,
         ),
         stats_finalize_fn=functools.partial(metrics.segmentation_finalize, prefix=name),
@@ -263,8 +273,11 @@ def build_edge(name="edge", **options) -> Task:
         standard_metrics=(),
         activation=_sigmoid,
         loss_fn=functools.partial(
-            losses.edge_loss_terms, delta=float(opts["delta"]), loss_resolution=opts["loss_resolution"],
-            task=name, target_key=name,
+            losses.edge_loss_terms,
+            delta=float(opts["delta"]),
+            loss_resolution=opts["loss_resolution"],
+            task=name,
+            target_key=name,
         ),
         stats_init_fn=metrics.edge_init_stats,
         stats_update_fn=functools.partial(metrics.edge_update_stats, target_key=name),

@@ -40,10 +40,18 @@ def data_dir(tmp_path_factory):
     splits = {}
     for split, offset, count in (("train", 0, NUM_TRAIN), ("val", 100, NUM_VAL)):
         split_keys = [f"{split}-{offset + i}" for i in range(count)]
-        splits[split] = shards.write_split(out, split, split_keys, make_example, shard_size=4, num_workers=0,
-                                           num_classes={"seg": NUM_CLASSES})
-    shards.write_manifest(out, dataset="fake", source_layout="test", image_size=(SIZE, SIZE),
-                          features=splits["train"]["features"], num_classes={"seg": NUM_CLASSES}, splits=splits)
+        splits[split] = shards.write_split(
+            out, split, split_keys, make_example, shard_size=4, num_workers=0, num_classes={"seg": NUM_CLASSES}
+        )
+    shards.write_manifest(
+        out,
+        dataset="fake",
+        source_layout="test",
+        image_size=(SIZE, SIZE),
+        features=splits["train"]["features"],
+        num_classes={"seg": NUM_CLASSES},
+        splits=splits,
+    )
     return out
 
 
@@ -77,10 +85,15 @@ def test_round_trip_is_exact(data_dir, cache):
 def test_batch_arrays_follow_the_contract(data_dir):
     batch = batches(data_dir, batch_size=2)[0]
     expected = {
-        "image": ((2, SIZE, SIZE, 3), np.float32), "seg": ((2, SIZE, SIZE), np.int32),
-        "depth": ((2, SIZE, SIZE, 1), np.float32), "depth_valid": ((2, SIZE, SIZE, 1), np.float32),
-        "depth_scale": ((2,), np.float32), "normals": ((2, SIZE, SIZE, 3), np.float32),
-        "edge": ((2, SIZE, SIZE, 1), np.float32), "male": ((2,), np.float32), "smile": ((2,), np.float32),
+        "image": ((2, SIZE, SIZE, 3), np.float32),
+        "seg": ((2, SIZE, SIZE), np.int32),
+        "depth": ((2, SIZE, SIZE, 1), np.float32),
+        "depth_valid": ((2, SIZE, SIZE, 1), np.float32),
+        "depth_scale": ((2,), np.float32),
+        "normals": ((2, SIZE, SIZE, 3), np.float32),
+        "edge": ((2, SIZE, SIZE, 1), np.float32),
+        "male": ((2,), np.float32),
+        "smile": ((2,), np.float32),
         "weight": ((2,), np.float32),
     }
     assert {k: (v.shape, v.dtype) for k, v in batch.items() if k != "id"} == expected
@@ -110,15 +123,19 @@ def test_training_order_depends_only_on_seed_and_epoch(data_dir, cache):
 @pytest.mark.parametrize("cache", [True, False])
 def test_processes_get_disjoint_examples_and_evaluation_covers_each_once(data_dir, cache):
     steps = input_pipeline.steps_per_epoch(data_dir, "train", 2, train=True, process_count=2)
-    train = [batches(data_dir, batch_size=2, seed=1, epoch=2, process_index=p, process_count=2, cache=cache)
-             for p in range(2)]
+    train = [
+        batches(data_dir, batch_size=2, seed=1, epoch=2, process_index=p, process_count=2, cache=cache)
+        for p in range(2)
+    ]
     assert [len(b) for b in train] == [steps, steps]
     ids = [real_ids(b) for b in train]
     assert not set(ids[0]) & set(ids[1]) and len(set(ids[0])) == len(ids[0]) == 2 * steps
 
     eval_steps = input_pipeline.steps_per_epoch(data_dir, "val", 2, train=False, process_count=2)
-    evaluation = [batches(data_dir, "val", batch_size=2, train=False, process_index=p, process_count=2, cache=cache)
-                  for p in range(2)]
+    evaluation = [
+        batches(data_dir, "val", batch_size=2, train=False, process_index=p, process_count=2, cache=cache)
+        for p in range(2)
+    ]
     assert [len(b) for b in evaluation] == [eval_steps, eval_steps]
     seen = real_ids(evaluation[0]) + real_ids(evaluation[1])
     assert sorted(seen) == sorted(f"val-{100 + i}" for i in range(NUM_VAL))  # each example exactly once
@@ -156,8 +173,9 @@ def test_depth_normalisation_options(data_dir, cache):
         assert reference["depth_scale"][row] == np.float32(scale)
     np.testing.assert_array_equal(reference["depth_valid"][..., 0], (stored > 0).astype(np.float32))
 
-    fixed = batches(data_dir, "val", train=False, cache=cache, depth_norm="fixed", depth_max_m=4.0,
-                    batch_size=NUM_VAL)[0]
+    fixed = batches(data_dir, "val", train=False, cache=cache, depth_norm="fixed", depth_max_m=4.0, batch_size=NUM_VAL)[
+        0
+    ]
     np.testing.assert_allclose(fixed["depth"][..., 0], np.clip(stored / 4.0, 0, 1), rtol=1e-6, atol=0)
     np.testing.assert_array_equal(fixed["depth_scale"], np.full(NUM_VAL, 4.0, np.float32))
 
@@ -165,19 +183,29 @@ def test_depth_normalisation_options(data_dir, cache):
 def test_task_missing_from_the_dataset_names_task_dir_and_available_tasks(tmp_path):
     out = str(tmp_path)
     entry = shards.write_split(out, "train", ["a-1", "a-2"], attribute_example, num_workers=0)
-    shards.write_manifest(out, dataset="faces", source_layout="test", image_size=(SIZE, SIZE),
-                          features=entry["features"], num_classes={}, splits={"train": entry})
+    shards.write_manifest(
+        out,
+        dataset="faces",
+        source_layout="test",
+        image_size=(SIZE, SIZE),
+        features=entry["features"],
+        num_classes={},
+        splits={"train": entry},
+    )
     with pytest.raises(DataError) as info:
-        input_pipeline.make_dataset(out, "train", tasks=["male", "depth"], batch_size=1, train=True,
-                                    process_index=0, process_count=1)
+        input_pipeline.make_dataset(
+            out, "train", tasks=["male", "depth"], batch_size=1, train=True, process_index=0, process_count=1
+        )
     message = str(info.value)
     assert "'depth'" in message and out in message and "['male']" in message
     with pytest.raises(DataError, match="'depth'"):  # raised by the call itself, before any batch is drawn
-        input_pipeline.iterate_batches(out, "train", tasks=["depth"], batch_size=1, train=True, process_index=0,
-                                       process_count=1)
+        input_pipeline.iterate_batches(
+            out, "train", tasks=["depth"], batch_size=1, train=True, process_index=0, process_count=1
+        )
     with pytest.raises(DataError, match="split 'test'"):
-        input_pipeline.make_dataset(out, "test", tasks=["male"], batch_size=1, train=True, process_index=0,
-                                    process_count=1)
+        input_pipeline.make_dataset(
+            out, "test", tasks=["male"], batch_size=1, train=True, process_index=0, process_count=1
+        )
 
 
 def attribute_example(key):
@@ -202,22 +230,27 @@ def test_damaged_shards_give_data_errors_naming_the_file(data_dir, tmp_path):
     with open(victim, "r+b") as f:
         f.truncate(100)
     with pytest.raises(DataError, match="val-00001-of-00002.tfrecord.*truncated"):
-        input_pipeline.make_dataset(copy, "val", tasks=["seg"], batch_size=2, train=False, process_index=0,
-                                    process_count=1)
+        input_pipeline.make_dataset(
+            copy, "val", tasks=["seg"], batch_size=2, train=False, process_index=0, process_count=1
+        )
     os.remove(os.path.join(copy, "manifest.json"))
     with pytest.raises(DataError, match="manifest.json not found"):
-        input_pipeline.make_dataset(copy, "val", tasks=["seg"], batch_size=2, train=False, process_index=0,
-                                    process_count=1)
+        input_pipeline.make_dataset(
+            copy, "val", tasks=["seg"], batch_size=2, train=False, process_index=0, process_count=1
+        )
 
 
 def test_too_few_examples_for_one_training_batch_is_a_clear_error(data_dir):
     with pytest.raises(DataError, match="fewer than one batch"):
-        input_pipeline.make_dataset(data_dir, "val", tasks=["seg"], batch_size=8, train=True, process_index=0,
-                                    process_count=1)
+        input_pipeline.make_dataset(
+            data_dir, "val", tasks=["seg"], batch_size=8, train=True, process_index=0, process_count=1
+        )
 
 
 def test_importing_the_package_does_not_import_tensorflow():
-    code = ("import sys, mtl_sparse_jax, mtl_sparse_jax.data_spec, mtl_sparse_jax.input_pipeline; "
-            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    code = (
+        "import sys, mtl_sparse_jax, mtl_sparse_jax.data_spec, mtl_sparse_jax.input_pipeline; "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

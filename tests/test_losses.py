@@ -174,8 +174,12 @@ def test_padded_examples_contribute_nothing(loss_resolution):
         "normals": rng.normal(size=(2, 16, 16, 3)).astype(np.float32),
         "edge": rng.uniform(size=(2, 16, 16, 1)).astype(np.float32),
     }
-    raw = {"seg": rng.normal(size=(2, 4, 4, 4)), "depth": rng.normal(size=(2, 4, 4, 1)),
-           "normals": rng.normal(size=(2, 4, 4, 3)), "edge": rng.normal(size=(2, 4, 4, 1))}
+    raw = {
+        "seg": rng.normal(size=(2, 4, 4, 4)),
+        "depth": rng.normal(size=(2, 4, 4, 1)),
+        "normals": rng.normal(size=(2, 4, 4, 3)),
+        "edge": rng.normal(size=(2, 4, 4, 1)),
+    }
     # Padding: a third example of garbage (huge raw values, out-of-range targets) with weight 0.
     padded = {k: np.concatenate([v, 1e3 * np.ones_like(v[:1])]) for k, v in real.items()}
     padded["weight"] = np.array([1.0, 1.0, 0.0], np.float32)

@@ -3,7 +3,6 @@
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -81,8 +80,12 @@ def np_depth(raw, depth, valid, scale):
     mf = (valid > 0) & (depth > 0)
     abs_m = (np.abs(pred_full - depth) * scale[:, None, None, None])[mf]
     rel = (np.abs(pred_full - depth) / np.where(mf, depth, 1))[mf]
-    return {"mae_paper": np.abs(err).mean(), "mse_paper": (err**2).mean(), "abs_err_m": abs_m.mean(),
-            "rel_err": rel.mean()}
+    return {
+        "mae_paper": np.abs(err).mean(),
+        "mse_paper": (err**2).mean(),
+        "abs_err_m": abs_m.mean(),
+        "rel_err": rel.mean(),
+    }
 
 
 def np_normals(raw, normals):
@@ -92,8 +95,12 @@ def np_normals(raw, normals):
     g = normals[valid].astype(np.float64)
     cos = np.sum(p * g, -1) / (np.linalg.norm(p, axis=-1) * np.linalg.norm(g, axis=-1))
     angle = np.degrees(np.arccos(np.clip(cos, -1, 1)))
-    out = {"cos_paper": cos.mean(), "angle_mean": angle.mean(), "angle_median": np.median(angle),
-           "angle_rmse": np.sqrt(np.mean(angle**2))}
+    out = {
+        "cos_paper": cos.mean(),
+        "angle_mean": angle.mean(),
+        "angle_median": np.median(angle),
+        "angle_rmse": np.sqrt(np.mean(angle**2)),
+    }
     for t in (11.25, 22.5, 30, 45):
         out[f"pct_{t:g}"] = 100 * np.mean(angle <= t)
     return out
@@ -115,8 +122,11 @@ def np_attribute(z, y):
         recall = tp / np.sum(y == c) if np.sum(y == c) else 0.0
         f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
         supports.append(np.sum(y == c))
-    return {"acc_paper": np.mean(pred == y), "f1_weighted": np.dot(f1s, supports) / np.sum(supports),
-            "acc": np.mean((p >= 0.5) == y)}
+    return {
+        "acc_paper": np.mean(pred == y),
+        "f1_weighted": np.dot(f1s, supports) / np.sum(supports),
+        "acc": np.mean((p >= 0.5) == y),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,9 +146,15 @@ def make_split():
     normals = rng.normal(size=(n, s, s, 3)).astype(np.float32)
     normals[rng.uniform(size=(n, s, s)) < 0.15] = 0.0
     edge = (rng.uniform(size=(n, s, s, 1)) > 0.7).astype(np.float32)
-    batch = {"seg": labels, "depth": depth, "depth_valid": depth_valid,
-             "depth_scale": rng.uniform(5, 10, (n,)).astype(np.float32), "normals": normals, "edge": edge,
-             "weight": np.ones((n,), np.float32)}
+    batch = {
+        "seg": labels,
+        "depth": depth,
+        "depth_valid": depth_valid,
+        "depth_scale": rng.uniform(5, 10, (n,)).astype(np.float32),
+        "normals": normals,
+        "edge": edge,
+        "weight": np.ones((n,), np.float32),
+    }
     for a in ATTRIBUTES:
         batch[a] = rng.integers(0, 2, (n,)).astype(np.float32)
     # Normals raw: the ground truth (scaled into tanh's range) plus noise, so angles spread over 0..180 degrees.
@@ -198,8 +214,9 @@ def split_results():
     tasks = build_tasks()
     update_fns = {name: jax.jit(t.update_stats) for name, t in tasks.items()}
     stats = {size: evaluate(tasks, batch, raw, size, update_fns) for size in (7, 3, 1)}
-    results = {size: {k: v for name, t in tasks.items() for k, v in t.finalize(s[name]).items()}
-               for size, s in stats.items()}
+    results = {
+        size: {k: v for name, t in tasks.items() for k, v in t.finalize(s[name]).items()} for size, s in stats.items()
+    }
     return batch, raw, tasks, stats, results, update_fns
 
 
@@ -313,7 +330,8 @@ def test_histogram_median_matches_numpy_median():
         angles = rng.uniform(0, 180, n)
         hist = np.bincount(np.floor(angles / metrics.ANGLE_BIN_DEG).astype(int), minlength=metrics.ANGLE_NUM_BINS)
         assert metrics.histogram_median(hist, metrics.ANGLE_BIN_DEG) == pytest.approx(
-            np.median(angles), abs=metrics.ANGLE_BIN_DEG / 2 + 1e-12)
+            np.median(angles), abs=metrics.ANGLE_BIN_DEG / 2 + 1e-12
+        )
     assert math.isnan(metrics.histogram_median(np.zeros(10, int), 0.01))
 
 

@@ -19,7 +19,10 @@ def test_resnetd50_three_deeplab_heads_forward_backward_at_256():
 
     def loss_fn(params, batch_stats, x, rng):
         out, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=True, rngs={"dropout": rng},
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            rngs={"dropout": rng},
             mutable=["batch_stats"],
         )
         return sum(jnp.mean(jnp.square(o)) for o in out.values()), (out, updates)
@@ -28,7 +31,9 @@ def test_resnetd50_three_deeplab_heads_forward_backward_at_256():
     (loss, (out, updates)), grads = step(variables["params"], variables["batch_stats"], x, jax.random.key(1))
 
     assert {k: v.shape for k, v in out.items()} == {
-        "seg": (1, 32, 32, 40), "normals": (1, 32, 32, 3), "depth": (1, 32, 32, 1)
+        "seg": (1, 32, 32, 40),
+        "normals": (1, 32, 32, 3),
+        "depth": (1, 32, 32, 1),
     }
     assert np.isfinite(float(loss))
     leaves = jax.tree_util.tree_leaves_with_path(grads)

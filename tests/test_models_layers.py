@@ -136,7 +136,10 @@ def test_max_pool_pads_with_minus_infinity():
     x = -rng.uniform(1.0, 2.0, size=(1, 6, 6, 2)).astype(np.float32)  # all negative: zero padding would win
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
     expected = np.stack(
-        [np.stack([xp[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max(axis=(1, 2)) for j in range(3)], 1) for i in range(3)],
+        [
+            np.stack([xp[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max(axis=(1, 2)) for j in range(3)], 1)
+            for i in range(3)
+        ],
         1,
     )
     np.testing.assert_array_equal(np.asarray(max_pool_3x3_s2(x)), expected)
@@ -197,7 +200,9 @@ def _np_deeplab_eval(x, v, rates):
     p, s = v["params"], v["batch_stats"]
 
     def cbr(y, name, dilation):
-        return np.maximum(np_bn_eval(np_conv(y, p[f"{name}_conv"]["kernel"], 1, dilation), p[f"{name}_bn"], s[f"{name}_bn"]), 0)
+        return np.maximum(
+            np_bn_eval(np_conv(y, p[f"{name}_conv"]["kernel"], 1, dilation), p[f"{name}_bn"], s[f"{name}_bn"]), 0
+        )
 
     branches = [cbr(x, "aspp_conv1x1", 1)] + [cbr(x, f"aspp_rate{r}", r) for r in rates]
     pooled = cbr(x.mean(axis=(1, 2), keepdims=True), "aspp_pool", 1)

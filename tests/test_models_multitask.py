@@ -64,7 +64,9 @@ def test_model_output_is_the_heads_applied_to_the_backbone_features(tiny):
     sub = lambda name: {c: v[c][name] for c in v if name in v[c]}  # noqa: E731
     feats = jax.jit(lambda v, x: backbone.apply(v, x, train=False))(sub("backbone"), x)
     seg = jax.jit(lambda v, f: DeepLabHead(5, channels=16).apply(v, f, train=False))(sub("head_seg"), feats)
-    smile = jax.jit(lambda v, f: ClassificationHead(hidden=4, dense=2).apply(v, f, train=False))(sub("head_smile"), feats)
+    smile = jax.jit(lambda v, f: ClassificationHead(hidden=4, dense=2).apply(v, f, train=False))(
+        sub("head_smile"), feats
+    )
     np.testing.assert_allclose(out["seg"], seg, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out["smile"], smile, rtol=1e-4, atol=1e-5)
 
@@ -81,9 +83,7 @@ def test_backbone_is_called_once_for_three_heads():
     x = jax.ShapeDtypeStruct(X_SHAPE, jnp.float32)
     v = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
     with nn.intercept_methods(count):
-        jax.eval_shape(
-            lambda v, x: model.apply(v, x, train=True, rngs={"dropout": KEY}, mutable=["batch_stats"]), v, x
-        )
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": KEY}, mutable=["batch_stats"]), v, x)
     assert calls == ["backbone"]
 
 
@@ -184,7 +184,9 @@ def test_single_task_model_is_the_same_class_with_one_head():
 
 
 def test_head_specs_may_be_given_as_mappings_or_tuples():
-    model = MultiTaskModel([{"name": "depth", "kind": "deeplab", "out_channels": 1}, ("smile", "classification", 1)], **TINY)
+    model = MultiTaskModel(
+        [{"name": "depth", "kind": "deeplab", "out_channels": 1}, ("smile", "classification", 1)], **TINY
+    )
     x = jax.ShapeDtypeStruct(X_SHAPE, jnp.float32)
     v = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
     out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x)

@@ -50,7 +50,9 @@ def test_resnetd50_counts_and_output_shape_match_the_paper():
     assert sum(int(np.prod(k.shape)) for k in kernels.values()) == 23_578_304
     assert sum(k.shape[2] for k in kernels.values()) == 22_787  # input-channel groups (axis 2 of HWIO)
     assert sum(k.shape[3] for k in kernels.values()) == 26_752  # output filters
-    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32))
+    out = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False), v, jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
+    )
     assert out.shape == (2, 32, 32, 2048)
     # The backbone has no biases: every param is a conv kernel or a BN scale/bias.
     leaves = jax.tree_util.tree_leaves_with_path(v["params"])
@@ -62,7 +64,9 @@ def test_other_depths_have_their_block_counts_and_widths(depth, n_convs, channel
     model = {18: resnetd18, 101: resnetd101}[depth]()
     v = abstract_variables(model, (1, 64, 64, 3))
     assert len(conv_kernels(v["params"])) == n_convs
-    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    out = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False), v, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    )
     assert out.shape == (1, 8, 8, channels)
 
 
@@ -136,7 +140,9 @@ def np_conv(x, w, stride=1, dilation=1):
     out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
     for a in range(k):
         for c in range(k):
-            patch = xp[:, a * dilation :, c * dilation :][:, : stride * (ho - 1) + 1 : stride, : stride * (wo - 1) + 1 : stride]
+            patch = xp[:, a * dilation :, c * dilation :][
+                :, : stride * (ho - 1) + 1 : stride, : stride * (wo - 1) + 1 : stride
+            ]
             out += patch @ w[a, c]
     return out
 
@@ -184,7 +190,13 @@ def test_taps_match_a_numpy_recomputation_of_the_blocks(tapped_tiny_resnetd50):
     np.testing.assert_allclose(t["stem_conv1"], stem1, rtol=1e-4, atol=1e-4)
     padded = np.pad(t["stem_conv3"], ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
     h = t["stem_conv3"].shape[1] // 2
-    pooled = np.stack([np.stack([padded[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max((1, 2)) for j in range(h)], 1) for i in range(h)], 1)
+    pooled = np.stack(
+        [
+            np.stack([padded[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max((1, 2)) for j in range(h)], 1)
+            for i in range(h)
+        ],
+        1,
+    )
     np.testing.assert_allclose(t["stem"], pooled, rtol=1e-6)
 
     def check_block(block, inp, stride, dilation, has_downsample):

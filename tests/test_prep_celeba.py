@@ -13,14 +13,68 @@ from data_prep.shards import BadExampleError
 
 SIZE = 8
 IMG, MASK = 32, 16  # photos are twice the mask size, as 1024 vs 512 in the release
-ALL_NAMES = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
-             "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby",
-             "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male",
-             "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose",
-             "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair",
-             "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young"]
-PARTS = ["skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth", "u_lip", "l_lip",
-         "hair", "hat", "ear_r", "neck_l", "neck", "cloth"]
+ALL_NAMES = [
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
+]
+PARTS = [
+    "skin",
+    "nose",
+    "eye_g",
+    "l_eye",
+    "r_eye",
+    "l_brow",
+    "r_brow",
+    "l_ear",
+    "r_ear",
+    "mouth",
+    "u_lip",
+    "l_lip",
+    "hair",
+    "hat",
+    "ear_r",
+    "neck_l",
+    "neck",
+    "cloth",
+]
 FACE = {"skin", "nose", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth", "u_lip", "l_lip"}
 NUMBERS = [0, 1, 7, 42, 1999, 2000, 2001, 4321, 29999, 12]
 
@@ -113,8 +167,12 @@ def test_values_match_the_release(release):
             r = raw[number]
             full = expected_mask(r["parts"])
             np.testing.assert_array_equal(ex["seg"], full[::2, ::2])  # legacy nearest 16 -> 8: even pixels
-            for task, column in (("male", "Male"), ("smile", "Smiling"), ("eyebrows", "Arched_Eyebrows"),
-                                 ("glasses", "Eyeglasses")):
+            for task, column in (
+                ("male", "Male"),
+                ("smile", "Smiling"),
+                ("eyebrows", "Arched_Eyebrows"),
+                ("glasses", "Eyeglasses"),
+            ):
                 assert ex[task] == (1 if r["attrs"][column] == 1 else 0)
             photo = np.asarray(Image.open(os.path.join(root, "CelebA-HQ-img", f"{number}.jpg")).convert("RGB"))
             # 4x bilinear downscale without antialias: the mean of the two middle pixels of each 4-block, per axis
@@ -149,8 +207,10 @@ def test_attribute_parsing_errors(tmp_path):
     path = str(tmp_path / "a.txt")
     write_attribute_file(path, {1: [1] * 40, 2: [-1] * 40})
     parsed = celeba.parse_attribute_file(path)
-    assert parsed == {1: {"male": 1, "smile": 1, "eyebrows": 1, "glasses": 1},
-                      2: {"male": 0, "smile": 0, "eyebrows": 0, "glasses": 0}}
+    assert parsed == {
+        1: {"male": 1, "smile": 1, "eyebrows": 1, "glasses": 1},
+        2: {"male": 0, "smile": 0, "eyebrows": 0, "glasses": 0},
+    }
     lines = open(path).read().splitlines()
     (tmp_path / "nocount.txt").write_text("\n".join(lines[1:]) + "\n")
     with pytest.raises(ValueError, match="nocount.txt:1: .* not the image count"):
@@ -178,11 +238,30 @@ def test_split_json_and_reference_subset_through_cli(tmp_path):
     root, out = str(tmp_path / "src"), str(tmp_path / "out")
     numbers = NUMBERS[:9]
     make_release(root, numbers)
-    split = {"train": [f"{n}.jpg" for n in numbers[:3]], "val": [f"{n}.jpg" for n in numbers[3:6]],
-             "test": [f"{n}.jpg" for n in numbers[6:9]]}
+    split = {
+        "train": [f"{n}.jpg" for n in numbers[:3]],
+        "val": [f"{n}.jpg" for n in numbers[3:6]],
+        "test": [f"{n}.jpg" for n in numbers[6:9]],
+    }
     (tmp_path / "split.json").write_text(json.dumps(split))
-    assert celeba.main(["--src", root, "--out", out, "--size", str(SIZE), "--workers", "0",
-                        "--split-json", str(tmp_path / "split.json"), "--reference-subset"]) == 0
+    assert (
+        celeba.main(
+            [
+                "--src",
+                root,
+                "--out",
+                out,
+                "--size",
+                str(SIZE),
+                "--workers",
+                "0",
+                "--split-json",
+                str(tmp_path / "split.json"),
+                "--reference-subset",
+            ]
+        )
+        == 0
+    )
     for name, names in split.items():
         _, examples = read_split(out, name)
         assert [ex["id"] + ".jpg" for ex in examples] == names[:1]  # first third, order kept
@@ -207,9 +286,11 @@ def test_preformatted_segmask_npy(tmp_path):
         for ex in read_split(out, split)[1]:
             np.testing.assert_array_equal(ex["seg"], masks[int(ex["id"])][::2, ::2])
     path = os.path.join(root, "CelebA-HQ-segmask", f"{numbers[0]:05d}_mask.npy")
-    for bad, message in ((masks[numbers[0]].astype(np.float32), "dtype float32"),
-                         (np.full((MASK, MASK), 3, np.uint8), r"span \[3, 3\]"),
-                         (np.array([None, 1], dtype=object), "pickled")):
+    for bad, message in (
+        (masks[numbers[0]].astype(np.float32), "dtype float32"),
+        (np.full((MASK, MASK), 3, np.uint8), r"span \[3, 3\]"),
+        (np.array([None, 1], dtype=object), "pickled"),
+    ):
         np.save(path, bad, allow_pickle=True)
         with pytest.raises(BadExampleError, match=message) as info:
             celeba.read_segmask(path)
@@ -222,8 +303,18 @@ def test_bad_examples_name_the_file_and_skip_bad_reports(tmp_path, capsys):
     make_release(root, numbers)
     split = {"train": [f"{n}.jpg" for n in numbers[:5]], "val": [f"{numbers[5]}.jpg"], "test": [f"{numbers[6]}.jpg"]}
     (tmp_path / "split.json").write_text(json.dumps(split))
-    cli = ["--src", root, "--out", out, "--size", str(SIZE), "--workers", "0",
-           "--split-json", str(tmp_path / "split.json")]
+    cli = [
+        "--src",
+        root,
+        "--out",
+        out,
+        "--size",
+        str(SIZE),
+        "--workers",
+        "0",
+        "--split-json",
+        str(tmp_path / "split.json"),
+    ]
     kwargs = dict(src=root, size=SIZE, attribute_file=os.path.join(root, "CelebAMask-HQ-attribute-anno.txt"))
     # a mask that is not the image's aspect ratio
     folder = os.path.join(root, "CelebAMask-HQ-mask-anno", "0")

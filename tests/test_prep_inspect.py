@@ -20,19 +20,38 @@ def build_example(key):
     normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
     seg = rng.integers(0, 40, (SIZE, SIZE)).astype(np.uint8)
     seg[1, 1] = 255
-    return {"id": f"ex{key}", "image": rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), "seg": seg,
-            "depth": depth, "normals": normals.astype(np.float32),
-            "edge": (rng.uniform(size=(SIZE, SIZE)) > 0.5).astype(np.float32)}
+    return {
+        "id": f"ex{key}",
+        "image": rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
+        "seg": seg,
+        "depth": depth,
+        "normals": normals.astype(np.float32),
+        "edge": (rng.uniform(size=(SIZE, SIZE)) > 0.5).astype(np.float32),
+    }
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("inspect_data"))
-    entry = write_split(out, "val", [str(i) for i in range(5)], build_example, shard_size=2, num_workers=0,
-                        image_size=(SIZE, SIZE), num_classes={"seg": 40})
-    write_manifest(out, dataset="fake", source_layout="test", image_size=(SIZE, SIZE),
-                   features=["image", "seg", "depth", "normals", "edge"], num_classes={"seg": 40},
-                   splits={"val": entry})
+    entry = write_split(
+        out,
+        "val",
+        [str(i) for i in range(5)],
+        build_example,
+        shard_size=2,
+        num_workers=0,
+        image_size=(SIZE, SIZE),
+        num_classes={"seg": 40},
+    )
+    write_manifest(
+        out,
+        dataset="fake",
+        source_layout="test",
+        image_size=(SIZE, SIZE),
+        features=["image", "seg", "depth", "normals", "edge"],
+        num_classes={"seg": 40},
+        splits={"val": entry},
+    )
     return out
 
 
@@ -63,8 +82,11 @@ def test_npz_holds_the_stored_example_decoded_per_the_batch_contract(data_dir, t
 def test_npz_equals_the_pipelines_own_batch(data_dir):
     from mtl_sparse_jax.input_pipeline import iterate_batches
 
-    batches = list(iterate_batches(data_dir, "val", tasks=["seg", "depth"], batch_size=1, train=False,
-                                   process_index=0, process_count=1))
+    batches = list(
+        iterate_batches(
+            data_dir, "val", tasks=["seg", "depth"], batch_size=1, train=False, process_index=0, process_count=1
+        )
+    )
     example = prep_inspect.load_example(data_dir, "val", 4, tasks=["seg", "depth"])
     assert set(example) == {"id", "image", "seg", "depth", "depth_valid", "depth_scale"}
     for key in ("image", "seg", "depth", "depth_valid", "depth_scale"):
@@ -72,7 +94,8 @@ def test_npz_equals_the_pipelines_own_batch(data_dir):
 
 
 def test_out_of_range_index_is_one_line_error(data_dir, tmp_path, capsys):
-    assert prep_inspect.main(["--data", data_dir, "--split", "val", "--index", "5", "--out",
-                              str(tmp_path / "x.npz")]) == 1
+    assert (
+        prep_inspect.main(["--data", data_dir, "--split", "val", "--index", "5", "--out", str(tmp_path / "x.npz")]) == 1
+    )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "has 5 examples" in err and not os.path.exists(tmp_path / "x.npz")

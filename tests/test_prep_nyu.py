@@ -17,6 +17,7 @@ H, W = 24, 32  # native size of the fakes: non-square so that a transposition ca
 
 # ------------------------------------------------------------------------------------------ independent references
 
+
 def bilinear_loop(x, out_h, out_w):
     """PyTorch upsample_bilinear2d (align_corners=False), pixel by pixel."""
     in_h, in_w = x.shape[:2]
@@ -31,15 +32,20 @@ def bilinear_loop(x, out_h, out_w):
             x0 = int(sx)
             x1 = min(x0 + 1, in_w - 1)
             lx = sx - x0
-            out[oy, ox] = ((1 - ly) * ((1 - lx) * x[y0, x0] + lx * x[y0, x1])
-                           + ly * ((1 - lx) * x[y1, x0] + lx * x[y1, x1]))
+            out[oy, ox] = (1 - ly) * ((1 - lx) * x[y0, x0] + lx * x[y0, x1]) + ly * (
+                (1 - lx) * x[y1, x0] + lx * x[y1, x1]
+            )
     return out
 
 
 def nearest_loop(x, out_h, out_w):
     in_h, in_w = x.shape[:2]
-    return np.array([[x[min(oy * in_h // out_h, in_h - 1), min(ox * in_w // out_w, in_w - 1)]
-                      for ox in range(out_w)] for oy in range(out_h)])
+    return np.array(
+        [
+            [x[min(oy * in_h // out_h, in_h - 1), min(ox * in_w // out_w, in_w - 1)] for ox in range(out_w)]
+            for oy in range(out_h)
+        ]
+    )
 
 
 def read_shards(out_dir, split):
@@ -72,6 +78,7 @@ def read_shards(out_dir, split):
 
 # ------------------------------------------------------------------------------------------------ fake NYUD_MT
 
+
 def make_nyud_mt(root, ids_by_split, seed=0):
     """Raw NYUD_MT: RGB JPEGs (one grayscale), 8-bit label PNGs (one 16-bit), depth/normals/edge .npy."""
     rng = np.random.default_rng(seed)
@@ -82,10 +89,12 @@ def make_nyud_mt(root, ids_by_split, seed=0):
     for n, example_id in enumerate(all_ids):
         if n == 1:  # a grayscale JPEG
             Image.fromarray(rng.integers(0, 256, (H, W), dtype=np.uint8), "L").save(
-                os.path.join(root, "images", f"{example_id}.jpg"))
+                os.path.join(root, "images", f"{example_id}.jpg")
+            )
         else:
             Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(
-                os.path.join(root, "images", f"{example_id}.jpg"))
+                os.path.join(root, "images", f"{example_id}.jpg")
+            )
         labels = rng.integers(0, 41, (H, W))
         labels[0, :3] = [0, 1, 40]  # unlabelled and both ends of the class range always occur
         if n == 2:  # a 16-bit PNG with values <= 40 is accepted
@@ -160,6 +169,7 @@ def test_label_mapping_is_reference_rule():
 
 # ----------------------------------------------------------------------------------------------------- bad input
 
+
 def _break(root, example_id, what):
     """Damage one file of a NYUD_MT fake and return the path that the error must name."""
     if what == "missing":
@@ -199,11 +209,19 @@ def _break(root, example_id, what):
     return path
 
 
-@pytest.mark.parametrize("what,message", [
-    ("missing", "missing depth"), ("corrupt_image", "cannot decode image"), ("size", "do not belong together"),
-    ("nan", "NaN/inf"), ("inf", "NaN/inf"), ("label_range", "outside 0..40"), ("label16_range", "outside 0..40"),
-    ("pickled", "pickled"),
-])
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        ("missing", "missing depth"),
+        ("corrupt_image", "cannot decode image"),
+        ("size", "do not belong together"),
+        ("nan", "NaN/inf"),
+        ("inf", "NaN/inf"),
+        ("label_range", "outside 0..40"),
+        ("label16_range", "outside 0..40"),
+        ("pickled", "pickled"),
+    ],
+)
 def test_bad_input_names_the_file(tmp_path, what, message):
     root = str(tmp_path)
     make_nyud_mt(root, {"train": ["a"]})
@@ -266,6 +284,7 @@ def test_val_from_train_and_missing_val_handling():
 
 # ---------------------------------------------------------------------------------------------- labeled .mat
 
+
 def make_labeled_mat(root, num_images=4, seed=0):
     """A tiny nyu_depth_v2_labeled.mat in MATLAB v7.3's layout: MATLAB's column-major H×W×3×N array appears
     through HDF5 with reversed axes, (N, 3, W, H); depths/labels H×W×N appear as (N, W, H)."""
@@ -284,8 +303,10 @@ def make_labeled_mat(root, num_images=4, seed=0):
     mapping = rng.integers(0, 41, 894)  # class k (1..894) -> mapping[k-1] in 0..40
     savemat(os.path.join(root, "classMapping40.mat"), {"mapClass": mapping[None, :].astype(np.float64)})
     # 1-based column vectors, like the standard splits.mat
-    savemat(os.path.join(root, "splits.mat"), {"trainNdxs": np.array([[1], [3], [4]], np.float64),
-                                               "testNdxs": np.array([[2]], np.float64)})
+    savemat(
+        os.path.join(root, "splits.mat"),
+        {"trainNdxs": np.array([[1], [3], [4]], np.float64), "testNdxs": np.array([[2]], np.float64)},
+    )
     return images, depths, labels, mapping
 
 
@@ -312,9 +333,11 @@ def test_labeled_mat_is_untransposed_and_mapped(tmp_path):
 
 def test_class_mapping_and_split_file_formats(tmp_path):
     table = np.arange(894) % 41
-    for name, writer in (("m.npy", lambda p: np.save(p, table)),
-                         ("m.txt", lambda p: open(p, "w").write("  ".join(map(str, table)) + "\n")),
-                         ("m.json", lambda p: open(p, "w").write(json.dumps(table.tolist())))):
+    for name, writer in (
+        ("m.npy", lambda p: np.save(p, table)),
+        ("m.txt", lambda p: open(p, "w").write("  ".join(map(str, table)) + "\n")),
+        ("m.json", lambda p: open(p, "w").write(json.dumps(table.tolist()))),
+    ):
         path = str(tmp_path / name)
         writer(path)
         lookup = nyu.load_class_mapping(path)
@@ -353,6 +376,7 @@ def test_normals_from_depth_recover_a_plane():
 
 
 # ---------------------------------------------------------------------------------------------- MTAN / LibMTL
+
 
 def test_mtan_layout(tmp_path):
     root, out = str(tmp_path / "src"), str(tmp_path / "out")

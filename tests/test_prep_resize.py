@@ -25,8 +25,9 @@ def torch_bilinear_loop(x, out_h, out_w):
             w1p = 1 if w1 < in_w - 1 else 0
             w1l = w1r - w1
             w0l = 1.0 - w1l
-            out[oy, ox] = (h0l * (w0l * x[h1, w1] + w1l * x[h1, w1 + w1p])
-                           + h1l * (w0l * x[h1 + h1p, w1] + w1l * x[h1 + h1p, w1 + w1p]))
+            out[oy, ox] = h0l * (w0l * x[h1, w1] + w1l * x[h1, w1 + w1p]) + h1l * (
+                w0l * x[h1 + h1p, w1] + w1l * x[h1 + h1p, w1 + w1p]
+            )
     return out
 
 

@@ -50,10 +50,23 @@ def keys(n, prefix="k"):
 
 
 def write(out_dir, split_keys, builder=make_example, **kwargs):
-    entry = shards.write_split(out_dir, "train", split_keys, builder, num_classes={"seg": NUM_CLASSES},
-                               **{"shard_size": 4, "num_workers": 0, **kwargs})
-    shards.write_manifest(out_dir, dataset="fake", source_layout="test", image_size=(SIZE, SIZE),
-                          features=entry["features"], num_classes={"seg": NUM_CLASSES}, splits={"train": entry})
+    entry = shards.write_split(
+        out_dir,
+        "train",
+        split_keys,
+        builder,
+        num_classes={"seg": NUM_CLASSES},
+        **{"shard_size": 4, "num_workers": 0, **kwargs},
+    )
+    shards.write_manifest(
+        out_dir,
+        dataset="fake",
+        source_layout="test",
+        image_size=(SIZE, SIZE),
+        features=entry["features"],
+        num_classes={"seg": NUM_CLASSES},
+        splits={"train": entry},
+    )
     return entry
 
 
@@ -62,13 +75,16 @@ def file_identity(path):
     return st.st_ino, st.st_mtime_ns
 
 
-@pytest.mark.parametrize("kind, fragment", [
-    ("nan_depth", "NaN"),
-    ("seg_range", "label(s) [5]"),
-    ("shape", "shape"),
-    ("dtype", "float64"),
-    ("attribute", "male"),
-])
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("nan_depth", "NaN"),
+        ("seg_range", "label(s) [5]"),
+        ("shape", "shape"),
+        ("dtype", "float64"),
+        ("attribute", "male"),
+    ],
+)
 def test_bad_example_raises_naming_the_key_and_skip_bad_records_it(tmp_path, kind, fragment):
     import functools
 
@@ -155,8 +171,10 @@ def test_resume_after_kill_keeps_finished_shards_and_gives_identical_output(tmp_
     reference = data_spec.load_manifest(reference_dir, verify="sha256")
     assert resumed["splits"] == reference["splits"]
     for shard in reference["splits"]["train"]["shards"]:
-        with open(os.path.join(reference_dir, shard["file"]), "rb") as a, \
-                open(os.path.join(resumed_dir, shard["file"]), "rb") as b:
+        with (
+            open(os.path.join(reference_dir, shard["file"]), "rb") as a,
+            open(os.path.join(resumed_dir, shard["file"]), "rb") as b,
+        ):
             assert a.read() == b.read()
 
 
@@ -197,8 +215,11 @@ def test_new_shard_size_replaces_the_old_shards(tmp_path):
     write(out, keys(9), shard_size=4)
     entry = write(out, keys(9), shard_size=5)
     on_disk = sorted(n for n in os.listdir(out) if n.endswith(".tfrecord"))
-    assert on_disk == sorted(s["file"] for s in entry["shards"]) == [
-        "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+    assert (
+        on_disk
+        == sorted(s["file"] for s in entry["shards"])
+        == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+    )
     assert [s["num_examples"] for s in entry["shards"]] == [5, 4]
 
 

@@ -177,8 +177,7 @@ def test_euclidean_prox_is_block_soft_thresholding():
     z = np.asarray(sparsity.prox_group_l2(x, taus, axis=1))
     for c in range(7):
         g = x[:, c, :].astype(np.float64)
-        np.testing.assert_allclose(z[:, c, :], max(0.0, 1 - taus[c] / np.linalg.norm(g)) * g, rtol=1e-6,
-                                   atol=1e-7)
+        np.testing.assert_allclose(z[:, c, :], max(0.0, 1 - taus[c] / np.linalg.norm(g)) * g, rtol=1e-6, atol=1e-7)
 
 
 def test_threshold_boundaries_are_exact():
@@ -277,8 +276,10 @@ def test_prox_works_under_jit_and_vmap_and_keeps_bf16():
 
     xb = jnp.asarray(xs[0], jnp.bfloat16)
     for z, z32 in [
-        (sparsity.prox_group_l2_weighted(xb, ds[0], 5e-3, axis=2),
-         sparsity.prox_group_l2_weighted(np.asarray(xb, np.float32), ds[0], 5e-3, axis=2)),
+        (
+            sparsity.prox_group_l2_weighted(xb, ds[0], 5e-3, axis=2),
+            sparsity.prox_group_l2_weighted(np.asarray(xb, np.float32), ds[0], 5e-3, axis=2),
+        ),
         (sparsity.prox_group_l2(xb, 1.0, axis=2), sparsity.prox_group_l2(np.asarray(xb, np.float32), 1.0, axis=2)),
         (sparsity.prox_l1(xb, 0.5), sparsity.prox_l1(np.asarray(xb, np.float32), 0.5)),
     ]:
@@ -295,7 +296,7 @@ def test_group_mcp_prox_is_the_minimiser_along_the_ray():
     x = (rng.normal(size=(6, 40)) * rng.uniform(0.05, 1.0, size=40)).astype(np.float32)
     z = np.asarray(sparsity.prox_group_mcp(x, lam, gamma, axis=1, step=step), np.float64)
     s = np.linspace(0, 4, 400001)
-    penalty = np.where(s <= gamma * lam, lam * s - s * s / (2 * gamma), 0.5 * gamma * lam ** 2)
+    penalty = np.where(s <= gamma * lam, lam * s - s * s / (2 * gamma), 0.5 * gamma * lam**2)
     regions = set()
     for g in range(40):
         nrm = np.linalg.norm(x[:, g].astype(np.float64))
@@ -306,8 +307,12 @@ def test_group_mcp_prox_is_the_minimiser_along_the_ray():
     assert regions == {0, 1, 2}
     # Weighted with a constant d equals unweighted with step/d.
     c = 4.0
-    np.testing.assert_allclose(sparsity.prox_group_mcp(x, lam, gamma, axis=1, step=step, d=np.full_like(x, c)),
-                               sparsity.prox_group_mcp(x, lam, gamma, axis=1, step=step / c), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        sparsity.prox_group_mcp(x, lam, gamma, axis=1, step=step, d=np.full_like(x, c)),
+        sparsity.prox_group_mcp(x, lam, gamma, axis=1, step=step / c),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_penalty_values_and_safe_gradient_at_zero_groups():
@@ -315,8 +320,10 @@ def test_penalty_values_and_safe_gradient_at_zero_groups():
     k1 = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
     k1[:, :, 1, :] = 0
     k2 = rng.normal(size=(1, 1, 6, 10)).astype(np.float32)
-    params = {'backbone': {'a': {'kernel': k1}, 'b': {'kernel': k2}, 'bn': {'scale': np.ones(6, np.float32)}},
-              'head': {'kernel': rng.normal(size=(2, 2, 10, 3)).astype(np.float32)}}
+    params = {
+        "backbone": {"a": {"kernel": k1}, "b": {"kernel": k2}, "bn": {"scale": np.ones(6, np.float32)}},
+        "head": {"kernel": rng.normal(size=(2, 2, 10, 3)).astype(np.float32)},
+    }
     axes = sparsity.default_group_axes(params)
     lam = 0.01
     norms1 = np.sqrt(np.sum(k1.astype(np.float64) ** 2, axis=(0, 1, 3)))
@@ -324,17 +331,17 @@ def test_penalty_values_and_safe_gradient_at_zero_groups():
     paper = lam * (np.sqrt(54) * norms1.sum() + np.sqrt(10) * norms2.sum())
     code = lam * (np.sqrt(4) * norms1.sum() + np.sqrt(6) * norms2.sum())
     np.testing.assert_allclose(sparsity.group_lasso_penalty(params, axes, lam), paper, rtol=1e-6)
-    np.testing.assert_allclose(sparsity.group_lasso_penalty(params, axes, lam, weighting='num_groups'), code,
-                               rtol=1e-6)
+    np.testing.assert_allclose(sparsity.group_lasso_penalty(params, axes, lam, weighting="num_groups"), code, rtol=1e-6)
 
     grads = jax.jit(jax.grad(lambda p: sparsity.group_lasso_penalty(p, axes, lam)))(params)
-    g1 = np.asarray(grads['backbone']['a']['kernel'])
+    g1 = np.asarray(grads["backbone"]["a"]["kernel"])
     assert np.all(np.isfinite(g1)) and not np.any(g1[:, :, 1, :])
     expected = lam * np.sqrt(54) * k1 / np.where(norms1 > 0, norms1, 1)[None, None, :, None]
     np.testing.assert_allclose(g1, expected, rtol=1e-5, atol=1e-9)
-    assert not np.any(np.asarray(grads['head']['kernel']))
-    zero_grads = jax.jit(jax.grad(lambda p: sparsity.group_lasso_penalty(p, axes, lam, weighting='num_groups')))(
-        jax.tree_util.tree_map(np.zeros_like, params))
+    assert not np.any(np.asarray(grads["head"]["kernel"]))
+    zero_grads = jax.jit(jax.grad(lambda p: sparsity.group_lasso_penalty(p, axes, lam, weighting="num_groups")))(
+        jax.tree_util.tree_map(np.zeros_like, params)
+    )
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree_util.tree_leaves(zero_grads))
 
 
@@ -342,14 +349,15 @@ def test_mcp_penalty_value():
     x = np.zeros((1, 1, 2, 3), np.float32)
     x[0, 0, 0] = [0.3, 0.0, 0.4]  # norm 0.5, in the concave part (γλ_g = 2·1·√3 ≈ 3.46)
     x[0, 0, 1] = [3.0, 4.0, 0.0]  # norm 5, in the flat part
-    params = {'backbone': {'k': {'kernel': x}}}
+    params = {"backbone": {"k": {"kernel": x}}}
     lam_g = 1.0 * np.sqrt(3)
-    expected = (lam_g * 0.5 - 0.25 / 4) + 0.5 * 2 * lam_g ** 2
+    expected = (lam_g * 0.5 - 0.25 / 4) + 0.5 * 2 * lam_g**2
     np.testing.assert_allclose(
-        sparsity.group_mcp_penalty(params, sparsity.default_group_axes(params), 1.0, 2.0), expected, rtol=1e-6)
+        sparsity.group_mcp_penalty(params, sparsity.default_group_axes(params), 1.0, 2.0), expected, rtol=1e-6
+    )
 
 
-@pytest.mark.parametrize('axis', [0, 3, -1])
+@pytest.mark.parametrize("axis", [0, 3, -1])
 def test_group_axis_choice(axis):
     rng = np.random.default_rng(11)
     x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)

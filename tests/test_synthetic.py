@@ -18,9 +18,16 @@ def generated(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synthetic"))
     synthetic.generate(out, num_train=NUM_TRAIN, num_val=3, num_test=2, image_size=SIZE, seed=7, shard_size=3)
     manifest = data_spec.load_manifest(out, verify="sha256")
-    (batch,) = input_pipeline.iterate_batches(out, "train", tasks=["seg", "depth", "normals", "edge"],
-                                              batch_size=NUM_TRAIN, train=False, depth_norm="none",
-                                              process_index=0, process_count=1)
+    (batch,) = input_pipeline.iterate_batches(
+        out,
+        "train",
+        tasks=["seg", "depth", "normals", "edge"],
+        batch_size=NUM_TRAIN,
+        train=False,
+        depth_norm="none",
+        process_index=0,
+        process_count=1,
+    )
     return out, manifest, batch
 
 
@@ -28,7 +35,7 @@ def back_projected_points(depth, manifest):
     """Camera-frame 3-D points from z-depth, with the manifest's pinhole intrinsics."""
     focal = manifest["extra"]["focal_px"]
     cx, cy = manifest["extra"]["principal_point"]
-    rows, cols = np.mgrid[0:depth.shape[0], 0:depth.shape[1]]
+    rows, cols = np.mgrid[0 : depth.shape[0], 0 : depth.shape[1]]
     rays = np.stack([(cols + 0.5 - cx) / focal, (rows + 0.5 - cy) / focal, np.ones(depth.shape)], axis=-1)
     return rays * depth[..., None]
 
@@ -39,7 +46,7 @@ def neighbourhood_all(mask):
     inner = np.ones_like(mask[1:-1, 1:-1])
     for di in (-1, 0, 1):
         for dj in (-1, 0, 1):
-            inner &= mask[1 + di:mask.shape[0] - 1 + di, 1 + dj:mask.shape[1] - 1 + dj]
+            inner &= mask[1 + di : mask.shape[0] - 1 + di, 1 + dj : mask.shape[1] - 1 + dj]
     out[1:-1, 1:-1] = inner
     return out
 
@@ -100,8 +107,10 @@ def test_edges_are_label_and_depth_discontinuities(generated):
         label_change[:, 1:] |= seg[:, :-1] != seg[:, 1:]
         label_change[:-1] |= seg[:-1] != seg[1:]
         label_change[1:] |= seg[:-1] != seg[1:]
-        for a, b, where_a, where_b in ((depth[:, :-1], depth[:, 1:], np.s_[:, :-1], np.s_[:, 1:]),
-                                       (depth[:-1], depth[1:], np.s_[:-1], np.s_[1:])):
+        for a, b, where_a, where_b in (
+            (depth[:, :-1], depth[:, 1:], np.s_[:, :-1], np.s_[:, 1:]),
+            (depth[:-1], depth[1:], np.s_[:-1], np.s_[1:]),
+        ):
             jump = np.abs(a - b) > synthetic.EDGE_REL_DEPTH_JUMP * np.minimum(a, b)
             depth_jump[where_a] |= jump
             depth_jump[where_b] |= jump
@@ -151,8 +160,27 @@ def test_generate_again_with_the_same_parameters_rewrites_nothing(generated):
 
 def test_command_line_writes_a_readable_dataset(tmp_path):
     out = str(tmp_path / "cli")
-    assert synthetic.main(["--out", out, "--num-train", "2", "--num-val", "1", "--num-test", "1", "--size", "16",
-                           "--num-classes", "5", "--seed", "2"]) == 0
+    assert (
+        synthetic.main(
+            [
+                "--out",
+                out,
+                "--num-train",
+                "2",
+                "--num-val",
+                "1",
+                "--num-test",
+                "1",
+                "--size",
+                "16",
+                "--num-classes",
+                "5",
+                "--seed",
+                "2",
+            ]
+        )
+        == 0
+    )
     manifest = data_spec.load_manifest(out, verify="sha256")
     assert manifest["num_classes"] == {"seg": 5} and manifest["image_size"] == [16, 16]
     assert synthetic.main(["--out", out, "--num-classes", "9"]) == 2

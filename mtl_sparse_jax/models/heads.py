@@ -67,9 +67,7 @@ class DeepLabHead(nn.Module):
             y = conv(c, kernel_size, 1, dilation, name=f"{name}_conv")(y)
             return nn.relu(norm(name=f"{name}_bn")(y, train=train))
 
-        branches = [
-            nn.Dropout(self.dropout, deterministic=not train)(conv_bn_relu(x, 1, 1, "aspp_conv1x1"))
-        ]
+        branches = [nn.Dropout(self.dropout, deterministic=not train)(conv_bn_relu(x, 1, 1, "aspp_conv1x1"))]
         for rate in self.rates:
             branches.append(conv_bn_relu(x, 3, rate, f"aspp_rate{rate}"))
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)

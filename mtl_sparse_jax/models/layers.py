@@ -71,9 +71,7 @@ class Conv2d(nn.Module):
         in_features = x.shape[-1]
         k = self.kernel_size
         fan_in = k * k * in_features
-        kernel = self.param(
-            "kernel", uniform_fan_in(fan_in), (k, k, in_features, self.features), self.param_dtype
-        )
+        kernel = self.param("kernel", uniform_fan_in(fan_in), (k, k, in_features, self.features), self.param_dtype)
         pad = same_padding(k, self.dilation)
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype),

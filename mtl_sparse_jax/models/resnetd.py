@@ -120,9 +120,7 @@ class BottleneckBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         conv = functools.partial(Conv2d, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(
-            BatchNorm, num_updates=self.bn_updates, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        norm = functools.partial(BatchNorm, num_updates=self.bn_updates, dtype=self.dtype, param_dtype=self.param_dtype)
         outs = {}
         y = conv(self.planes, 1, name="conv1")(x)
         y = outs["conv1"] = nn.relu(norm(name="bn1")(y, train=train))
@@ -151,9 +149,7 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         conv = functools.partial(Conv2d, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(
-            BatchNorm, num_updates=self.bn_updates, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        norm = functools.partial(BatchNorm, num_updates=self.bn_updates, dtype=self.dtype, param_dtype=self.param_dtype)
         outs = {}
         y = conv(self.planes, 3, self.stride, self.dilation, name="conv1")(x)
         y = outs["conv1"] = nn.relu(norm(name="bn1")(y, train=train))
@@ -196,7 +192,9 @@ class ResNetD(nn.Module):
                 "(config model.output_stride)"
             )
         if self.width_multiplier <= 0:
-            raise ValueError(f"width_multiplier must be > 0, got {self.width_multiplier!r} (config model.width_multiplier)")
+            raise ValueError(
+                f"width_multiplier must be > 0, got {self.width_multiplier!r} (config model.width_multiplier)"
+            )
         if x.ndim != 4:
             raise ValueError(f"ResNetD expects NHWC images [B,H,W,C], got shape {x.shape}")
         if isinstance(taps, str):
@@ -211,9 +209,7 @@ class ResNetD(nn.Module):
             )
         strides, dilations = STRIDES_AND_DILATIONS[self.output_stride]
         width = functools.partial(scaled_width, multiplier=self.width_multiplier)
-        norm = functools.partial(
-            BatchNorm, num_updates=self.bn_updates, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        norm = functools.partial(BatchNorm, num_updates=self.bn_updates, dtype=self.dtype, param_dtype=self.param_dtype)
         conv = functools.partial(Conv2d, dtype=self.dtype, param_dtype=self.param_dtype)
         block_cls = BottleneckBlock if kind == "bottleneck" else BasicBlock
 

@@ -22,11 +22,11 @@ PyTree = Any
 GroupAxes = Union[PyTree, Callable[[PyTree], PyTree]]
 
 # Every 4-D conv kernel (HWIO) under 'backbone/', grouped by input channel: group c = kernel[:, :, c, :].
-DEFAULT_RULES = ((r'^backbone/.*kernel$', 2),)
+DEFAULT_RULES = ((r"^backbone/.*kernel$", 2),)
 
 
 def _key_str(k) -> str:
-    for attr in ('key', 'name', 'idx'):
+    for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
             return str(getattr(k, attr))
     return str(k)
@@ -34,11 +34,12 @@ def _key_str(k) -> str:
 
 def path_str(path) -> str:
     """'/'-joined names of a jax key path: ``(DictKey('backbone'), DictKey('conv'))`` -> ``'backbone/conv'``."""
-    return '/'.join(_key_str(k) for k in path)
+    return "/".join(_key_str(k) for k in path)
 
 
-def group_axes_by_regex(params: PyTree, rules: Iterable[tuple[str, int | None]] = DEFAULT_RULES,
-                        ndim: int | None = 4) -> PyTree:
+def group_axes_by_regex(
+    params: PyTree, rules: Iterable[tuple[str, int | None]] = DEFAULT_RULES, ndim: int | None = 4
+) -> PyTree:
     """Group axes from regex rules on param paths.
 
     Args:
@@ -62,7 +63,7 @@ def group_axes_by_regex(params: PyTree, rules: Iterable[tuple[str, int | None]] 
                 if ax is None:
                     return None
                 if not -leaf_ndim <= ax < leaf_ndim:
-                    raise ValueError(f'group axis {ax} out of range for {name} with shape {tuple(leaf.shape)}')
+                    raise ValueError(f"group axis {ax} out of range for {name} with shape {tuple(leaf.shape)}")
                 return ax % leaf_ndim
         return None
 
@@ -83,17 +84,20 @@ def resolve_group_axes(group_axes: GroupAxes, params: PyTree) -> PyTree:
     try:
         flat = jax.tree_util.tree_structure(params).flatten_up_to(axes)
     except (ValueError, TypeError) as e:
-        raise ValueError('group_axes must have the structure of the params (int or None per leaf); '
-                         f'build it with group_axes_by_regex(params, ...). Mismatch: {e}') from None
+        raise ValueError(
+            "group_axes must have the structure of the params (int or None per leaf); "
+            f"build it with group_axes_by_regex(params, ...). Mismatch: {e}"
+        ) from None
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for (path, leaf), a in zip(leaves, flat):
         if a is None:
             continue
         if isinstance(a, bool) or not isinstance(a, numbers.Integral):
-            raise TypeError(f'group_axes leaves must be int or None, got {a!r} ({type(a).__name__}) '
-                            f'for {path_str(path)}')
+            raise TypeError(
+                f"group_axes leaves must be int or None, got {a!r} ({type(a).__name__}) for {path_str(path)}"
+            )
         if not -len(leaf.shape) <= a < len(leaf.shape):
-            raise ValueError(f'group axis {a} out of range for {path_str(path)} with shape {tuple(leaf.shape)}')
+            raise ValueError(f"group axis {a} out of range for {path_str(path)} with shape {tuple(leaf.shape)}")
     return axes
 
 
@@ -125,7 +129,7 @@ def num_groups(shape: Sequence[int], axis: int) -> int:
 
 def natural_key(s: str):
     """Sort key that orders digit runs numerically: 'layer3_2' < 'layer3_10'."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r'(\d+)', s))
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
 
 
 def forward_order_key(path: str):
@@ -134,5 +138,5 @@ def forward_order_key(path: str):
     For the ResNetD backbone this gives stem_conv1..3, layer1_0/conv1, conv2, conv3, downsample_conv, layer1_1, …,
     layer4_2 (a plain sorted flatten puts 'layer3_10' before 'layer3_2' and 'stem' after 'layer').
     """
-    top, _, rest = path.partition('/')
-    return (natural_key(top), 0 if re.match(r'stem', rest) else 1, natural_key(rest))
+    top, _, rest = path.partition("/")
+    return (natural_key(top), 0 if re.match(r"stem", rest) else 1, natural_key(rest))

@@ -38,14 +38,14 @@ def _per_group(v, ndim: int, axis: int, dtype):
     return v
 
 
-@functools.partial(jax.jit, static_argnames=('axis', 'keepdims'))
+@functools.partial(jax.jit, static_argnames=("axis", "keepdims"))
 def group_norms(x, *, axis: int, keepdims: bool = False):
     """‖x_g‖₂ for every group g (slices along ``axis``), in float32."""
     xf = jnp.asarray(x).astype(_compute_dtype(x))
     return jnp.sqrt(jnp.sum(xf * xf, axis=_other_axes(xf.ndim, axis), keepdims=keepdims))
 
 
-@functools.partial(jax.jit, static_argnames=('axis', 'keepdims'))
+@functools.partial(jax.jit, static_argnames=("axis", "keepdims"))
 def safe_group_norms(x, *, axis: int, keepdims: bool = False):
     """Like :func:`group_norms`, with gradient 0 (not NaN) at an all-zero group."""
     xf = jnp.asarray(x).astype(_compute_dtype(x))
@@ -54,7 +54,7 @@ def safe_group_norms(x, *, axis: int, keepdims: bool = False):
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=('axis',))
+@functools.partial(jax.jit, static_argnames=("axis",))
 def prox_group_l2(x, tau, *, axis: int):
     """Euclidean group prox (block soft-thresholding), the paper's Eq. 5.
 
@@ -71,9 +71,10 @@ def prox_group_l2(x, tau, *, axis: int):
     return (xf * scale).astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=('axis', 'return_iterations'))
-def prox_group_l2_weighted(x, d, tau, *, axis: int, max_iter: int = 100, tol: float = 1e-7,
-                           return_iterations: bool = False):
+@functools.partial(jax.jit, static_argnames=("axis", "return_iterations"))
+def prox_group_l2_weighted(
+    x, d, tau, *, axis: int, max_iter: int = 100, tol: float = 1e-7, return_iterations: bool = False
+):
     """Adaptive (diagonally weighted) group prox, the step the reference runs (Deleu & Bengio 2021).
 
     The exact minimiser of ½ Σ_i d_i (z_i − x_i)² + τ Σ_g ‖z_g‖₂ for elementwise weights d > 0. Group g is zero
@@ -205,7 +206,7 @@ def prox_l1(x, tau, d=None):
     return (jnp.sign(xf) * jnp.maximum(jnp.abs(xf) - thr, 0.0)).astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=('axis',))
+@functools.partial(jax.jit, static_argnames=("axis",))
 def prox_group_mcp(x, lam, gamma, *, axis: int, step=1.0, d=None, max_iter: int = 100, tol: float = 1e-7):
     """Group MCP prox, as the reference's ``mcp_l2`` offers it (unused by its runs).
 
@@ -233,7 +234,6 @@ def prox_group_mcp(x, lam, gamma, *, axis: int, step=1.0, d=None, max_iter: int 
     else:
         df = jnp.broadcast_to(jnp.asarray(d).astype(cdt), xf.shape)
         d_red = df - step / gamma
-        z_mid = prox_group_l2_weighted(xf * df / d_red, d_red, step * lam, axis=axis,
-                                       max_iter=max_iter, tol=tol)
+        z_mid = prox_group_l2_weighted(xf * df / d_red, d_red, step * lam, axis=axis, max_iter=max_iter, tol=tol)
         z = jnp.where(nrm > gamma * lam, xf, z_mid)
     return z.astype(x.dtype)

@@ -16,7 +16,7 @@ import numpy as np
 from mtl_sparse_jax.sparsity import groups as groups_lib
 
 # Columns of the counts array, one row per grouped leaf.
-COUNT_COLUMNS = ('zero_groups', 'zero_params', 'zero_output_filters')
+COUNT_COLUMNS = ("zero_groups", "zero_params", "zero_output_filters")
 
 
 def _leaf_counts(x, axis: int, output_axis: int):
@@ -53,7 +53,7 @@ def order_layers(paths: Sequence[str], layer_order: Sequence[str] | None = None)
     known = set(paths)
     unknown = [p for p in layer_order if p not in known]
     if unknown:
-        raise ValueError(f'layer_order names paths that are not grouped leaves: {unknown[:3]}')
+        raise ValueError(f"layer_order names paths that are not grouped leaves: {unknown[:3]}")
     listed = set(layer_order)
     return list(layer_order) + sorted((p for p in paths if p not in listed), key=groups_lib.forward_order_key)
 
@@ -75,34 +75,35 @@ def stats(params, group_axes, layer_order: Sequence[str] | None = None, output_a
     flat = groups_lib.flatten_grouped(params, group_axes)
     counts = np.asarray(jax.device_get(sparsity_counts(params, group_axes, output_axis)), np.int64)
     rows = {}
-    tot = dict(groups=0, zero_groups=0, params=0, zero_params=0, params_in_zero_groups=0, out=0, zero_out=0,
-               zero_layers=0)
+    tot = dict(
+        groups=0, zero_groups=0, params=0, zero_params=0, params_in_zero_groups=0, out=0, zero_out=0, zero_layers=0
+    )
     for (path, leaf, axis), (zg, zp, zo) in zip(flat, counts):
         shape = tuple(leaf.shape)
         n_groups = groups_lib.num_groups(shape, axis)
         numel = int(np.prod(shape))
         rows[path] = (path, int(n_groups - zg), int(n_groups))
-        tot['groups'] += n_groups
-        tot['zero_groups'] += int(zg)
-        tot['params'] += numel
-        tot['zero_params'] += int(zp)
-        tot['params_in_zero_groups'] += int(zg) * groups_lib.group_size(shape, axis)
-        tot['out'] += shape[output_axis]
-        tot['zero_out'] += int(zo)
-        tot['zero_layers'] += int(zg == n_groups)
+        tot["groups"] += n_groups
+        tot["zero_groups"] += int(zg)
+        tot["params"] += numel
+        tot["zero_params"] += int(zp)
+        tot["params_in_zero_groups"] += int(zg) * groups_lib.group_size(shape, axis)
+        tot["out"] += shape[output_axis]
+        tot["zero_out"] += int(zo)
+        tot["zero_layers"] += int(zg == n_groups)
     pct = lambda a, b: 100.0 * a / b if b else 0.0
     return {
-        'group_sparsity': pct(tot['zero_groups'], tot['groups']),
-        'param_sparsity': pct(tot['zero_params'], tot['params']),
-        'params_in_zero_groups': pct(tot['params_in_zero_groups'], tot['params']),
-        'per_layer': [rows[p] for p in order_layers(list(rows), layer_order)],
-        'zero_output_filters': tot['zero_out'],
-        'total_output_filters': tot['out'],
-        'output_filter_sparsity': pct(tot['zero_out'], tot['out']),
-        'num_groups': tot['groups'],
-        'num_zero_groups': tot['zero_groups'],
-        'num_params': tot['params'],
-        'num_zero_params': tot['zero_params'],
-        'num_layers': len(rows),
-        'num_zero_layers': tot['zero_layers'],
+        "group_sparsity": pct(tot["zero_groups"], tot["groups"]),
+        "param_sparsity": pct(tot["zero_params"], tot["params"]),
+        "params_in_zero_groups": pct(tot["params_in_zero_groups"], tot["params"]),
+        "per_layer": [rows[p] for p in order_layers(list(rows), layer_order)],
+        "zero_output_filters": tot["zero_out"],
+        "total_output_filters": tot["out"],
+        "output_filter_sparsity": pct(tot["zero_out"], tot["out"]),
+        "num_groups": tot["groups"],
+        "num_zero_groups": tot["zero_groups"],
+        "num_params": tot["params"],
+        "num_zero_params": tot["zero_params"],
+        "num_layers": len(rows),
+        "num_zero_layers": tot["zero_layers"],
     }

@@ -25,8 +25,8 @@ import optax
 from mtl_sparse_jax.sparsity import groups as groups_lib
 from mtl_sparse_jax.sparsity import prox as prox_lib
 
-PROX_ADAMW_MODES = ('adaptive', 'euclidean', 'l1', 'none')
-CHAIN_PROX_MODES = ('group', 'l1', 'mcp')
+PROX_ADAMW_MODES = ("adaptive", "euclidean", "l1", "none")
+CHAIN_PROX_MODES = ("group", "l1", "mcp")
 
 
 class ProxAdamWState(NamedTuple):
@@ -63,11 +63,22 @@ def _bias_correction(one_minus_b, t):
 
 def _require_params(params, name):
     if params is None:
-        raise ValueError(f'{name}.update needs the params: call update(updates, state, params).')
+        raise ValueError(f"{name}.update needs the params: call update(updates, state, params).")
 
 
-def prox_adamw(learning_rate, lam, group_axes, *, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0,
-               prox: str = 'adaptive', max_iter: int = 100, tol: float = 1e-7) -> optax.GradientTransformation:
+def prox_adamw(
+    learning_rate,
+    lam,
+    group_axes,
+    *,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-6,
+    weight_decay=0.0,
+    prox: str = "adaptive",
+    max_iter: int = 100,
+    tol: float = 1e-7,
+) -> optax.GradientTransformation:
     """Proximal AdamW, exactly as the reference runs it (reference §4.4–4.5).
 
     For every leaf p with gradient g, at step t = 1, 2, …::
@@ -103,16 +114,19 @@ def prox_adamw(learning_rate, lam, group_axes, *, b1=0.9, b2=0.999, eps=1e-6, we
       params' dtypes; the moments are float32.
     """
     if prox not in PROX_ADAMW_MODES:
-        raise ValueError(f'prox must be one of {PROX_ADAMW_MODES}, got {prox!r}')
+        raise ValueError(f"prox must be one of {PROX_ADAMW_MODES}, got {prox!r}")
 
     def init_fn(params):
         groups_lib.resolve_group_axes(group_axes, params)  # fail early on a mismatched tree
         zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
-        return ProxAdamWState(count=jnp.zeros([], jnp.int32), mu=jax.tree_util.tree_map(zeros, params),
-                              nu=jax.tree_util.tree_map(zeros, params))
+        return ProxAdamWState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree_util.tree_map(zeros, params),
+            nu=jax.tree_util.tree_map(zeros, params),
+        )
 
     def update_fn(grads, state, params=None):
-        _require_params(params, 'prox_adamw')
+        _require_params(params, "prox_adamw")
         axes = groups_lib.resolve_group_axes(group_axes, params)
         lr = _value_at(learning_rate, state.count)
         lam_t = _value_at(lam, state.count)
@@ -132,12 +146,12 @@ def prox_adamw(learning_rate, lam, group_axes, *, b1=0.9, b2=0.999, eps=1e-6, we
             d = jnp.sqrt(v) + eps_
             new = p32 - alpha * m / d
             new = new - lr * wd * new
-            if axis is not None and prox != 'none':
-                if prox == 'l1':
+            if axis is not None and prox != "none":
+                if prox == "l1":
                     new = prox_lib.prox_l1(new, lr * lam_t, d)
                 else:
                     tau = lr * lam_t * math.sqrt(groups_lib.group_size(p.shape, axis))
-                    if prox == 'adaptive':
+                    if prox == "adaptive":
                         new = prox_lib.prox_group_l2_weighted(new, d, tau, axis=axis, max_iter=max_iter, tol=tol)
                     else:
                         new = prox_lib.prox_group_l2(new, tau, axis=axis)
@@ -149,8 +163,9 @@ def prox_adamw(learning_rate, lam, group_axes, *, b1=0.9, b2=0.999, eps=1e-6, we
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def group_lasso_prox(learning_rate, lam, group_axes, *, mode: str = 'group', gamma=None
-                     ) -> optax.GradientTransformation:
+def group_lasso_prox(
+    learning_rate, lam, group_axes, *, mode: str = "group", gamma=None
+) -> optax.GradientTransformation:
     """A proximal step to chain last after any optax optimizer: updates u become prox(θ + u) − θ.
 
     ``mode='group'``: Euclidean group prox (block soft-thresholding) with τ_g = lr·λ·√n_g, the paper's Eq. 5.
@@ -164,8 +179,8 @@ def group_lasso_prox(learning_rate, lam, group_axes, *, mode: str = 'group', gam
     are not the group-lasso minimisers in general; :func:`prox_adamw` is the consistent alternative.
     """
     if mode not in CHAIN_PROX_MODES:
-        raise ValueError(f'mode must be one of {CHAIN_PROX_MODES}, got {mode!r}')
-    if mode == 'mcp' and gamma is None:
+        raise ValueError(f"mode must be one of {CHAIN_PROX_MODES}, got {mode!r}")
+    if mode == "mcp" and gamma is None:
         raise ValueError("mode='mcp' needs gamma")
 
     def init_fn(params):
@@ -173,7 +188,7 @@ def group_lasso_prox(learning_rate, lam, group_axes, *, mode: str = 'group', gam
         return GroupLassoProxState(count=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None):
-        _require_params(params, 'group_lasso_prox')
+        _require_params(params, "group_lasso_prox")
         axes = groups_lib.resolve_group_axes(group_axes, params)
         lr = _value_at(learning_rate, state.count)
         lam_t = _value_at(lam, state.count)
@@ -183,11 +198,11 @@ def group_lasso_prox(learning_rate, lam, group_axes, *, mode: str = 'group', gam
                 return u
             p32 = jnp.asarray(p).astype(jnp.float32)
             x = p32 + jnp.asarray(u).astype(jnp.float32)
-            if mode == 'l1':
+            if mode == "l1":
                 z = prox_lib.prox_l1(x, lr * lam_t)
             else:
                 sqrt_n = math.sqrt(groups_lib.group_size(p.shape, axis))
-                if mode == 'group':
+                if mode == "group":
                     z = prox_lib.prox_group_l2(x, lr * lam_t * sqrt_n, axis=axis)
                 else:
                     z = prox_lib.prox_group_mcp(x, lam_t * sqrt_n, gamma, axis=axis, step=lr)
