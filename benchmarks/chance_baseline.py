@@ -24,8 +24,8 @@ def main():
 
     import jax.numpy as jnp
 
-    from mtl_sparse_jax import input_pipeline
     from mtl_sparse_jax import tasks as tasks_lib
+    from mtl_sparse_jax.data import pipeline as input_pipeline
 
     names = tuple(args.tasks.split(","))
     tasks = {n: tasks_lib.get_task(n, **({"num_classes": args.num_classes} if n == "seg" else {})) for n in names}

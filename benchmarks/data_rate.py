@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from data_prep import shards, synthetic
-from mtl_sparse_jax import input_pipeline
+from mtl_sparse_jax.data import pipeline as input_pipeline
 
 _RENDERED: dict[str, dict] = {}
 

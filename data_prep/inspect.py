@@ -3,7 +3,7 @@
     python -m data_prep.inspect --data DIR --split S --index I --out FILE.npz [--png FILE.png]
                                 [--tasks seg,depth,...] [--depth-norm reference|fixed|none] [--depth-max-m M]
 
-The example is read with `mtl_sparse_jax.input_pipeline.iterate_batches` (evaluation order, batch 1, this
+The example is read with `mtl_sparse_jax.data.pipeline.iterate_batches` (evaluation order, batch 1, this
 process alone), so what lands in the npz is what the model is trained and evaluated on: 'image' float32
 [H,W,3] in [0,1] and one array per task named by task ('seg' int32 [H,W] with 255 = ignore, 'depth' float32
 [H,W,1] normalised, 'normals', 'edge', attributes as float32 scalars), plus 'depth_valid' and 'depth_scale' when
@@ -19,14 +19,14 @@ import sys
 
 import numpy as np
 
-from mtl_sparse_jax import data_spec
+from mtl_sparse_jax.data import spec as data_spec
 
 
 def load_example(
     data_dir: str, split: str, index: int, *, tasks=None, depth_norm: str = "reference", depth_max_m: float = 10.0
 ) -> dict[str, np.ndarray]:
     """Example `index` (0-based, manifest order) of `split`, as the pipeline yields it, without the batch axis."""
-    from mtl_sparse_jax import input_pipeline
+    from mtl_sparse_jax.data import pipeline as input_pipeline
 
     manifest = data_spec.load_manifest(data_dir, verify="none")
     total = data_spec.split_entry(manifest, split, data_dir)["num_examples"]

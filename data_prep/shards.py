@@ -2,7 +2,7 @@
 
 A converter lists its example keys per split and gives a picklable `build_example(key) -> dict` that loads
 one example (already resized to the dataset's image size). `write_split` validates every example against
-`mtl_sparse_jax.data_spec`, writes the split's shards in worker processes and returns the split's manifest
+`mtl_sparse_jax.data.spec`, writes the split's shards in worker processes and returns the split's manifest
 entry; `write_manifest` then writes `manifest.json`, last, so that a directory with a manifest always holds
 a finished conversion.
 
@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mtl_sparse_jax import data_spec
+from mtl_sparse_jax.data import spec as data_spec
 
 STATE_DIR = ".shard_state"
 

@@ -31,7 +31,7 @@ import sys
 import numpy as np
 
 from data_prep import shards
-from mtl_sparse_jax import data_spec
+from mtl_sparse_jax.data import spec as data_spec
 
 CLASS_NAMES = ("wall", "floor", "ceiling", "sphere", "box", "panel")
 WALL, FLOOR, CEILING, SPHERE, BOX, PANEL = range(6)

@@ -34,7 +34,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from mtl_sparse_jax.resize import resize_bilinear_torch, resize_nearest_torch
+from mtl_sparse_jax.data.resize import resize_bilinear_torch, resize_nearest_torch
 
 __all__ = [
     "LOSS_COMBINERS",

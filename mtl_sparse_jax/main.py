@@ -41,7 +41,8 @@ def main(argv):
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mtl_sparse_jax/xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from mtl_sparse_jax import config_utils, data_spec, train
+    from mtl_sparse_jax import config_utils, train
+    from mtl_sparse_jax.data import spec as data_spec
 
     try:
         config = FLAGS.config

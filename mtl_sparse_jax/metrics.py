@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_sparse_jax.data.resize import resize_bilinear_torch, resize_nearest_torch
 from mtl_sparse_jax.losses import (
     batch_key,
     depth_prediction_and_target,
@@ -32,7 +33,6 @@ from mtl_sparse_jax.losses import (
     l2_normalize,
     normals_valid_mask,
 )
-from mtl_sparse_jax.resize import resize_bilinear_torch, resize_nearest_torch
 
 __all__ = [
     "ANGLE_BIN_DEG",

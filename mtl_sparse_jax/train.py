@@ -439,7 +439,7 @@ def _check_finite(step: int, epoch: int, losses: dict[str, float], ckpt_dir: str
 
 def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dict:
     """Trains one trial (resuming if possible), then evaluates the test split. Returns the test metrics."""
-    from mtl_sparse_jax import input_pipeline  # TensorFlow is imported here, not at package import
+    from mtl_sparse_jax.data import pipeline as input_pipeline  # TensorFlow is imported here, not at package import
 
     os.makedirs(trial_dir, exist_ok=True)
     seed = config.seed + trial
@@ -606,7 +606,7 @@ def _eval_batch_size(config, num_devices: int, process_count: int) -> int:
 
 def evaluate_trial(trainer: Trainer, config, trial_dir: str, trial: int, data, *, ckpts=None, history=None) -> dict:
     """Restores the selected checkpoint(s) of a trial and evaluates the test split; writes test_metrics.json."""
-    from mtl_sparse_jax import input_pipeline
+    from mtl_sparse_jax.data import pipeline as input_pipeline
 
     own = ckpts is None
     ckpts = ckpts or ckpt_lib.TrialCheckpoints(os.path.join(trial_dir, "checkpoints"))
@@ -670,7 +670,7 @@ def evaluate_trial(trainer: Trainer, config, trial_dir: str, trial: int, data, *
 
 
 def _prepare_data(config):
-    from mtl_sparse_jax import data_spec
+    from mtl_sparse_jax.data import spec as data_spec
 
     data = config.data
     manifest_path = os.path.join(data.dir, "manifest.json")

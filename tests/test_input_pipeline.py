@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from data_prep import shards
-from mtl_sparse_jax import input_pipeline
-from mtl_sparse_jax.data_spec import DataError
+from mtl_sparse_jax.data import pipeline as input_pipeline
+from mtl_sparse_jax.data.spec import DataError
 
 SIZE = 10
 NUM_CLASSES = 4
@@ -249,7 +249,7 @@ def test_too_few_examples_for_one_training_batch_is_a_clear_error(data_dir):
 
 def test_importing_the_package_does_not_import_tensorflow():
     code = (
-        "import sys, mtl_sparse_jax, mtl_sparse_jax.data_spec, mtl_sparse_jax.input_pipeline; "
+        "import sys, mtl_sparse_jax, mtl_sparse_jax.data.spec, mtl_sparse_jax.data.pipeline; "
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

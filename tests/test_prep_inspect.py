@@ -80,7 +80,7 @@ def test_npz_holds_the_stored_example_decoded_per_the_batch_contract(data_dir, t
 
 
 def test_npz_equals_the_pipelines_own_batch(data_dir):
-    from mtl_sparse_jax.input_pipeline import iterate_batches
+    from mtl_sparse_jax.data.pipeline import iterate_batches
 
     batches = list(
         iterate_batches(

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from mtl_sparse_jax.resize import resize_bilinear_torch, resize_nearest_torch
+from mtl_sparse_jax.data.resize import resize_bilinear_torch, resize_nearest_torch
 
 
 def numpy_nearest(x, out_h, out_w):

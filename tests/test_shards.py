@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from data_prep import shards
-from mtl_sparse_jax import data_spec
-from mtl_sparse_jax.data_spec import DataError
+from mtl_sparse_jax.data import spec as data_spec
+from mtl_sparse_jax.data.spec import DataError
 
 SIZE = 12
 NUM_CLASSES = 5

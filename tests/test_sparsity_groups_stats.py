@@ -161,7 +161,7 @@ def test_sparsity_package_imports_no_models_data_or_tensorflow():
     code = (
         "import sys; from mtl_sparse_jax import sparsity; "
         'bad = [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets") '
-        'or m.startswith(("mtl_sparse_jax.models", "mtl_sparse_jax.input_pipeline", "data_prep"))]; '
+        'or m.startswith(("mtl_sparse_jax.models", "mtl_sparse_jax.data.pipeline", "data_prep"))]; '
         "print(bad); sys.exit(1 if bad else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

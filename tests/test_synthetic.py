@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from data_prep import synthetic
-from mtl_sparse_jax import data_spec, input_pipeline
+from mtl_sparse_jax.data import pipeline as input_pipeline
+from mtl_sparse_jax.data import spec as data_spec
 
 SIZE = 48
 NUM_TRAIN = 8

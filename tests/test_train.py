@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_sparse_jax import config_utils, data_spec, train
+from mtl_sparse_jax import config_utils, train
+from mtl_sparse_jax.data import spec as data_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +134,7 @@ def test_eight_devices_match_one_device(data_dir, trained):
     """Data-parallel steps over 8 devices equal the same global batches on 1 device (BatchNorm sees the global
     batch). lam = 0 here: the prox's zero test is discontinuous, so a group sitting at the threshold may flip on a
     last-bit difference in reduction order; the prox itself has its own 8-device test in test_sparsity_*."""
-    from mtl_sparse_jax import input_pipeline
+    from mtl_sparse_jax.data import pipeline as input_pipeline
 
     config = tiny_config(data_dir)
     batches = list(
@@ -276,7 +277,7 @@ def test_stopped_task_head_is_frozen_and_leaves_the_loss(data_dir, trained):
     """Per-task early stopping: with task_active['depth'] = 0 a step leaves head_depth exactly unchanged (no
     gradient step, no weight decay) while the other heads and the backbone move, and the total loss no longer
     contains the depth term."""
-    from mtl_sparse_jax import input_pipeline
+    from mtl_sparse_jax.data import pipeline as input_pipeline
 
     config = tiny_config(data_dir)
     trainer = train.get_trainer(config, (32, 32))

@@ -1,6 +1,6 @@
 """Feature specs, example validation and the shard manifest: the data contract between writer and reader.
 
-`data_prep/shards.py` writes TFRecord shards plus `manifest.json`; `mtl_sparse_jax/input_pipeline.py` reads
+`data_prep/shards.py` writes TFRecord shards plus `manifest.json`; `mtl_sparse_jax/data/pipeline.py` reads
 them. Both take every fact about the on-disk format from this module, which needs only numpy (no TensorFlow),
 so that the manifest can be checked on a machine that has JAX and nothing else.
 

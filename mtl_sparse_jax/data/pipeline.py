@@ -24,8 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
-from mtl_sparse_jax import data_spec
-from mtl_sparse_jax.data_spec import DataError
+from mtl_sparse_jax.data import spec as data_spec
+from mtl_sparse_jax.data.spec import DataError
 
 DEPTH_NORMS = ("reference", "fixed", "none")
 AUTO_CACHE_MAX_BYTES = 1 << 30  # splits whose shards are smaller are decoded once and kept in memory
