@@ -3,41 +3,23 @@
 The authors' loader resizes with torchvision `Resize` on tensors (torchvision 0.14): bilinear interpolation with
 `align_corners=False` and no antialiasing for images, depth, normals and edges, and PyTorch's legacy nearest rule
 `src = floor(dst * in / out)` for label maps. `jax.image.resize` antialiases when downscaling and rounds nearest
-indices differently, so the index maps are written out here explicitly.
+indices differently, so the index maps are explicit; they are the ones the losses use (`mtl_sparse_jax/data/resize.py`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from mtl_sparse_jax.data.resize import bilinear_source_weights, nearest_source_indices
+
 
 def _bilinear_taps(in_size: int, out_size: int):
-    """Source indices and weights along one axis, as PyTorch's `upsample_bilinear2d` (align_corners=False).
-
-    PyTorch computes the source coordinate `src = (dst + 0.5) * in/out - 0.5`, clamps it below at 0, takes
-    `i0 = floor(src)`, `i1 = min(i0 + 1, in - 1)` and weights `(1 - frac, frac)`.
-    """
-    scale = in_size / out_size
-    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
-    src = np.maximum(src, 0.0)
-    i0 = np.floor(src).astype(np.int64)
-    i0 = np.minimum(i0, in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    w1 = src - i0
-    w0 = 1.0 - w1
-    return i0, i1, w0, w1
+    """(i0, i1, w0, w1) along one axis, from the shared index map (`mtl_sparse_jax.data.resize`)."""
+    i0, i1, w1 = bilinear_source_weights(in_size, out_size)
+    return i0, i1, 1.0 - w1, w1
 
 
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source index for every output index under PyTorch's legacy `nearest` mode: min(floor(dst*in/out), in-1).
-
-    PyTorch evaluates the scale and the product in float32; doing the same keeps the rare ties identical.
-    """
-    if in_size == out_size:
-        return np.arange(out_size, dtype=np.int64)
-    scale = np.float32(in_size) / np.float32(out_size)
-    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(src, in_size - 1)
+nearest_indices = nearest_source_indices
 
 
 def resize_bilinear(array: np.ndarray, height: int, width: int) -> np.ndarray:

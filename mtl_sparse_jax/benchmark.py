@@ -22,7 +22,7 @@ statistics are set from one pass over a random batch, so activations have realis
 A sweep (``--sweep 0,0.3,0.6,0.8,0.9``) times the backbone at several sparsities and plots latency against group
 sparsity (``latency_vs_sparsity.png``).
 
-Train-step throughput (``--train-step``) runs the real jitted train step (``train.Trainer``: model, losses,
+Train-step throughput (``--train-step``) runs the real jitted train step (``training.train_step``: model, losses,
 prox-AdamW) on synthetic in-memory batches, for 1 task and for 3 tasks, and reports images/s, XLA's FLOPs per
 step and, on a GPU, the model FLOP utilisation:
 
@@ -40,7 +40,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -49,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_sparse_jax import compaction, config_utils, models
+from mtl_sparse_jax import compaction, config_utils, fileio, models, report, sparsity
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_TASKS = (("seg", "deeplab", 40), ("normals", "deeplab", 3), ("depth", "deeplab", 1))
@@ -81,12 +80,8 @@ def backbone_conv_kernels(backbone_params: Mapping, depth: int) -> dict[str, np.
 
 def group_sparsity(backbone_params: Mapping, depth: int) -> float:
     """Fraction of the backbone's input-channel groups (HWIO axis 2) that are exactly zero."""
-    zero = total = 0
-    for k in backbone_conv_kernels(backbone_params, depth).values():
-        k = np.asarray(k)
-        zero += int((~(k != 0).any(axis=(0, 1, 3))).sum())
-        total += k.shape[2]
-    return zero / total
+    masks = [np.asarray(sparsity.zero_group_mask(k, 2)) for k in backbone_conv_kernels(backbone_params, depth).values()]
+    return sum(int(m.sum()) for m in masks) / sum(m.size for m in masks)
 
 
 def random_group_sparsity(
@@ -408,19 +403,9 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-
-
 def write_outputs(result: dict, out_dir: str, stem: str = "bench") -> None:
-    _write_atomic(os.path.join(out_dir, f"{stem}.json"), json.dumps(result, indent=1, default=_json_default) + "\n")
-    _write_atomic(os.path.join(out_dir, f"{stem}.md"), markdown_table(result))
+    fileio.write_text(os.path.join(out_dir, f"{stem}.json"), json.dumps(result, indent=1, default=_json_default) + "\n")
+    fileio.write_text(os.path.join(out_dir, f"{stem}.md"), markdown_table(result))
 
 
 def _json_default(x):
@@ -449,23 +434,12 @@ def _image_size_for(config) -> int:
 
 
 def restore_best(config, workdir: str):
-    """(model, params, batch_stats, trial) of the first trial with a 'best' checkpoint, restored on this host."""
+    """(model, params, batch_stats, trial) of the first trial with a 'best' checkpoint, restored on one device."""
     from mtl_sparse_jax import checkpoint as ckpt_lib
-    from mtl_sparse_jax import losses as losses_lib
-    from mtl_sparse_jax import train
+    from mtl_sparse_jax import training
 
-    tasks = train.build_tasks(config)
-    model = train.build_model(config, tasks)
-    dummy = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    abstract = jax.eval_shape(
-        lambda r, x: model.init({"params": r, "dropout": r}, x, train=False), jax.random.PRNGKey(0), dummy
-    )
-    params = dict(abstract["params"])
-    params[train.LOSS_WEIGHTS_KEY] = jax.eval_shape(
-        lambda: losses_lib.init_loss_weights(config.loss.combiner, tuple(tasks))
-    )
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = ckpt_lib.abstract_like({"params": params, "batch_stats": abstract["batch_stats"]}, sharding)
+    spec = training.step_spec(config, devices=jax.devices()[:1])
+    target = training.eval_variables(training.abstract_train_state(spec, (32, 32)))
     for trial in range(config.num_trials):
         directory = os.path.join(workdir, f"trial_{trial}", "checkpoints")
         if not os.path.isdir(os.path.join(directory, "best")):
@@ -475,8 +449,7 @@ def restore_best(config, workdir: str):
             best, _ = ckpts.restore("best", target)
         finally:
             ckpts.close()
-        model_params = {k: v for k, v in best["params"].items() if k != train.LOSS_WEIGHTS_KEY}
-        return model, model_params, best["batch_stats"], trial
+        return spec.model, best["params"], best["batch_stats"], trial
     raise FileNotFoundError(f"no trial with a best checkpoint under {workdir}; train first with --mode train")
 
 
@@ -573,15 +546,7 @@ def plot_sweep(points: Sequence[dict], path: str, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    report.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -624,28 +589,25 @@ def train_step_throughput(
     log=print,
 ) -> dict:
     """Images/s of the real jitted train step on synthetic batches, per task set; MFU on a GPU."""
-    from configs import default
-    from mtl_sparse_jax import train
+    from mtl_sparse_jax import defaults, training
 
     device = jax.devices()[0]
     results = []
     for task_names in task_sets:
-        config = default.get_config()
+        config = defaults.get_config()
         config.tasks = tuple(task_names)
         config.model.depth = depth
         config.model.width_multiplier = width_multiplier
         config.model.head_width_multiplier = head_width_multiplier
         config.model.dtype = dtype
         config.batch_size = batch_size
-        trainer = train.Trainer(config, devices=[device])
-        trainer.setup((size, size))
-        state = trainer.init_state(0)
-        batch = trainer.put_batch(synthetic_batch(trainer.tasks, batch_size, size))
-        stats = trainer._train_stats_init()
+        spec = training.step_spec(config, devices=[device])
+        state = training.create_train_state(spec, (size, size), 0, learning_rate=1e-4, lam=1e-5)
+        batch = training.put_batch(spec, synthetic_batch(spec.task_map, batch_size, size))
+        stats = training.init_train_stats(spec)
         rng = jax.random.PRNGKey(0)
         start = time.perf_counter()
-        lowered = trainer._train_step.lower(state, batch, rng, stats)
-        compiled = lowered.compile()
+        compiled = training.train_step.lower(spec, state, batch, rng, stats).compile()
         compile_s = time.perf_counter() - start
         flops = None
         try:
@@ -782,8 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dtype=dtypes[0],
                 steps=args.steps,
             )
-            _write_atomic(os.path.join(args.out, "train_bench.json"), json.dumps(result, indent=1) + "\n")
-            _write_atomic(os.path.join(args.out, "train_bench.md"), train_markdown(result))
+            fileio.write_text(os.path.join(args.out, "train_bench.json"), json.dumps(result, indent=1) + "\n")
+            fileio.write_text(os.path.join(args.out, "train_bench.md"), train_markdown(result))
             print(train_markdown(result))
             return 0
         if args.sweep:
@@ -813,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 },
                 "points": points,
             }
-            _write_atomic(os.path.join(args.out, "sweep.json"), json.dumps(doc, indent=1) + "\n")
+            fileio.write_text(os.path.join(args.out, "sweep.json"), json.dumps(doc, indent=1) + "\n")
             plot_sweep(
                 points,
                 os.path.join(args.out, "latency_vs_sparsity.png"),

@@ -39,9 +39,9 @@ an ``.npz`` of arrays.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,12 +50,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_sparse_jax.models import heads as heads_lib
-from mtl_sparse_jax.models import layers
+from mtl_sparse_jax import fileio, sparsity
+from mtl_sparse_jax.models import graph, layers
 from mtl_sparse_jax.models import multitask as multitask_lib
 from mtl_sparse_jax.models import resnetd as resnetd_lib
 
-BN_EPSILON = 1e-5  # layers.BatchNorm's default, which the backbone uses
+BN_EPSILON = layers.BatchNorm.epsilon  # the backbone's BNs use the default
 KEY_SEPARATOR = "|"
 
 
@@ -67,63 +67,12 @@ class CompactionError(ValueError):
 # The network as a list of nodes
 
 
-@dataclasses.dataclass(frozen=True)
-class _Node:
-    """One step of the backbone: 'input', 'conv' (conv + BN [+ ReLU]), 'add' (residual sum + ReLU), 'maxpool',
-    'output'. ``inputs`` are node names; a conv names its module path, e.g. 'layer1_0/conv1'."""
-
-    name: str
-    kind: str
-    inputs: tuple[str, ...] = ()
-    bn: str = ""
-    kernel_size: int = 1
-    stride: int = 1
-    dilation: int = 1
-    relu: bool = False
-
-
-def backbone_nodes(depth: int, output_stride: int) -> list[_Node]:
-    """The ResNetD graph of ``models/resnetd.py`` in forward order, with its module names."""
-    kind, blocks = resnetd_lib._check_depth(depth)
-    if output_stride not in resnetd_lib.STRIDES_AND_DILATIONS:
-        raise CompactionError(
-            f"output_stride must be one of {sorted(resnetd_lib.STRIDES_AND_DILATIONS)}, got "
-            f"{output_stride!r} (config model.output_stride)"
-        )
-    strides, dilations = resnetd_lib.STRIDES_AND_DILATIONS[output_stride]
-    nodes = [_Node("input", "input")]
-    prev = "input"
-    for i, stride in zip((1, 2, 3), (2, 1, 1)):
-        nodes.append(_Node(f"stem_conv{i}", "conv", (prev,), f"stem_bn{i}", 3, stride, 1, True))
-        prev = f"stem_conv{i}"
-    nodes.append(_Node("stem", "maxpool", (prev,)))
-    prev = "stem"
-    for s, (n, stage_stride, dilation) in enumerate(zip(blocks, strides, dilations), start=1):
-        for b in range(n):
-            name = f"layer{s}_{b}"
-            stride = stage_stride if b == 0 else 1
-            if kind == "bottleneck":
-                own = [
-                    _Node(f"{name}/conv1", "conv", (prev,), f"{name}/bn1", 1, 1, 1, True),
-                    _Node(f"{name}/conv2", "conv", (f"{name}/conv1",), f"{name}/bn2", 3, stride, dilation, True),
-                    _Node(f"{name}/conv3", "conv", (f"{name}/conv2",), f"{name}/bn3", 1, 1, 1, False),
-                ]
-            else:
-                own = [
-                    _Node(f"{name}/conv1", "conv", (prev,), f"{name}/bn1", 3, stride, dilation, True),
-                    _Node(f"{name}/conv2", "conv", (f"{name}/conv1",), f"{name}/bn2", 3, 1, dilation, False),
-                ]
-            nodes += own
-            shortcut = prev
-            if b == 0:
-                nodes.append(
-                    _Node(f"{name}/downsample_conv", "conv", (prev,), f"{name}/downsample_bn", 1, stride, 1, False)
-                )
-                shortcut = f"{name}/downsample_conv"
-            nodes.append(_Node(name, "add", (own[-1].name, shortcut)))
-            prev = name
-    nodes.append(_Node("features", "output", (prev,)))
-    return nodes
+def backbone_nodes(depth: int, output_stride: int) -> list[graph.Node]:
+    """The ResNetD graph (`models.graph.nodes`), with its errors as CompactionError."""
+    try:
+        return graph.nodes(depth, output_stride)
+    except ValueError as e:
+        raise CompactionError(str(e)) from None
 
 
 def _lookup(tree: Mapping, path: str, what: str, depth: int):
@@ -245,18 +194,6 @@ class CompactDefinition:
             ) from None
 
 
-def _head_module(spec: multitask_lib.HeadSpec, head_width_multiplier: float, dtype) -> nn.Module:
-    # The same construction as MultiTaskModel, so a head's params apply unchanged.
-    hw = head_width_multiplier
-    if spec.kind == "deeplab":
-        return heads_lib.DeepLabHead(
-            out_channels=spec.out_channels, channels=resnetd_lib.scaled_width(256, hw), dtype=dtype
-        )
-    return heads_lib.ClassificationHead(
-        hidden=resnetd_lib.scaled_width(64, hw), dense=resnetd_lib.scaled_width(32, hw), dtype=dtype
-    )
-
-
 def apply_compact(
     definition: CompactDefinition,
     params: Mapping,
@@ -330,7 +267,7 @@ def apply_compact(
     outputs = {}
     for spec in definition.heads:
         key = multitask_lib.head_param_name(spec.name)
-        head = _head_module(spec, definition.head_width_multiplier, dtype)
+        head = multitask_lib.build_head(spec, definition.head_width_multiplier, dtype=dtype)
         variables = {"params": params["heads"][key]}
         if "batch_stats" in params and key in params["batch_stats"]:
             variables["batch_stats"] = params["batch_stats"][key]
@@ -480,6 +417,81 @@ def compact(
     nodes = backbone_nodes(depth, output_stride)
     by_name = {n.name: n for n in nodes}
 
+    kernels, scales, shifts, bn_raw = _read_backbone(nodes, bb_params, bb_stats, depth)
+    depends, width = _input_dependence(nodes, kernels, bn_raw, depth)
+    values = _dense_values(nodes, kernels, bn_raw, input_size)  # constant maps: one dense pass on a zero image
+    needed, layout, reads, feeds_add = _needed_channels(nodes, by_name, kernels, depends, width)
+    analysis = _Analysis(
+        nodes, by_name, kernels, scales, shifts, depends, width, values, needed, layout, reads, feeds_add
+    )
+    ops, new_params, widths, report_layers, folded, not_removed = _build_ops(analysis, gather_readers)
+    ops = _drop_unproduced(ops)
+
+    if heads:
+        new_params["heads"] = jax.tree.map(_as_np, head_vars["heads"])
+        new_params["batch_stats"] = jax.tree.map(_as_np, head_vars["batch_stats"])
+        not_removed.append(
+            {
+                "layer": "heads",
+                "channels": 0,
+                "why": "task heads are not sparsified by the prox (groups are on backbone/ only); they "
+                "are kept dense and read all feature channels",
+            }
+        )
+
+    definition = CompactDefinition(
+        ops=tuple(ops),
+        layouts=tuple((n.name, tuple(int(c) for c in layout[n.name])) for n in nodes),
+        widths=tuple(widths),
+        depth=depth,
+        output_stride=output_stride,
+        input_size=input_size,
+        feature_channels=int(width["features"]),
+        heads=heads,
+        head_width_multiplier=float(head_wm),
+    )
+    report = {
+        "summary": {
+            "convs": len(widths),
+            "convs_not_computed": [w.name for w in widths if w.out_compact == 0],
+            "input_channels_dense": sum(w.in_dense for w in widths),
+            "input_channels_compact": sum(w.in_compact for w in widths),
+            "output_channels_dense": sum(w.out_dense for w in widths),
+            "output_channels_compact": sum(w.out_compact for w in widths),
+        },
+        "input_size": list(input_size),
+        "dense_conv_flops_per_image": _conv_flops(definition, 1, compact=False),
+        "compact_conv_flops_per_image": _conv_flops(definition, 1, compact=True),
+        "layers": report_layers,
+        "folded_constants": folded,
+        "not_removed": not_removed + _stream_report(nodes, layout, reads, width),
+        "spatial_bias_layers": [],
+    }
+    model_out = CompactModel(definition=definition, params=jax.tree.map(jnp.asarray, new_params), report=report)
+    report["spatial_bias_layers"] = model_out.spatial_bias_layers
+    return model_out
+
+
+@dataclasses.dataclass
+class _Analysis:
+    """What the first passes found out about a sparse backbone; read by `_build_ops`."""
+
+    nodes: list
+    by_name: dict
+    kernels: dict
+    scales: dict
+    shifts: dict
+    depends: dict
+    width: dict
+    values: dict
+    needed: dict
+    layout: dict
+    reads: dict
+    feeds_add: dict
+
+
+def _read_backbone(nodes, bb_params, bb_stats, depth):
+    """Pass 0: every conv's kernel and its BN as (scale, shift) multipliers and raw (γ, β, μ, σ²), checked."""
     kernels, scales, shifts = {}, {}, {}
     bn_raw = {}
     for n in nodes:
@@ -501,6 +513,11 @@ def compact(
         shifts[n.name] = beta - mean * multiplier
         bn_raw[n.name] = (gamma, beta, mean, var)
 
+    return kernels, scales, shifts, bn_raw
+
+
+def _input_dependence(nodes, kernels, bn_raw, depth):
+    """Pass 1, forward: which channels of every node depend on the input image (the rest are constant maps)."""
     # --- 1. input dependence, forward ------------------------------------------------------------------------------
     width = {"input": 3}
     depends: dict[str, np.ndarray] = {"input": np.ones(3, bool)}
@@ -526,9 +543,11 @@ def compact(
             depends[n.name] = depends[n.inputs[0]].copy()
             width[n.name] = width[n.inputs[0]]
 
-    # --- constant maps: one dense eval pass on a zero image; only the input-independent channels are used -----------
-    values = _dense_values(nodes, kernels, bn_raw, input_size)
+    return depends, width
 
+
+def _needed_channels(nodes, by_name, kernels, depends, width):
+    """Pass 2, backward: which channels are needed, each node's compact layout, and what each conv reads."""
     # --- 2. what is needed, backward -------------------------------------------------------------------------------
     needed = {n.name: np.zeros(width[n.name], bool) for n in nodes}
     layout: dict[str, np.ndarray] = {}
@@ -572,6 +591,21 @@ def compact(
         if n.kind == "maxpool" and not np.array_equal(layout[n.name], layout[n.inputs[0]]):
             raise AssertionError(f"max-pool {n.name} layout differs from its input")
 
+    return needed, layout, reads, feeds_add
+
+
+def _build_ops(a: _Analysis, gather_readers: bool):
+    """Pass 3: the compact ops and params (BN folded, constants folded into biases) and the report entries."""
+    nodes, by_name, kernels, scales, shifts = a.nodes, a.by_name, a.kernels, a.scales, a.shifts
+    depends, width, values, needed, layout, reads, feeds_add = (
+        a.depends,
+        a.width,
+        a.values,
+        a.needed,
+        a.layout,
+        a.reads,
+        a.feeds_add,
+    )
     # --- 3. build ops and params -----------------------------------------------------------------------------------
     ops: list[CompactOp] = []
     new_params: dict[str, Any] = {}
@@ -638,7 +672,7 @@ def compact(
                     n.dilation,
                 )
             )
-            zero_groups = int((~(k != 0).any(axis=(0, 1, 3))).sum())
+            zero_groups = int(np.sum(sparsity.zero_group_mask(k, 2)))
             entry = {
                 "layer": n.name,
                 "in_dense": k.shape[2],
@@ -732,7 +766,11 @@ def compact(
                     }
                 )
 
-    # Drop ops whose activation was never produced (fully constant convs) from the operand lists.
+    return ops, new_params, widths, report_layers, folded, not_removed
+
+
+def _drop_unproduced(ops):
+    """Pass 4: ops whose activation was never produced (fully constant convs) leave the operand lists."""
     produced = {op.name for op in ops}
     ops = [
         dataclasses.replace(op, inputs=tuple(i for i in op.inputs if i in produced))
@@ -744,49 +782,7 @@ def compact(
         if op.kind in ("conv", "maxpool") and op.inputs[0] not in produced:
             raise AssertionError(f"{op.name} reads {op.inputs[0]}, which was removed")
 
-    if heads:
-        new_params["heads"] = jax.tree.map(_as_np, head_vars["heads"])
-        new_params["batch_stats"] = jax.tree.map(_as_np, head_vars["batch_stats"])
-        not_removed.append(
-            {
-                "layer": "heads",
-                "channels": 0,
-                "why": "task heads are not sparsified by the prox (groups are on backbone/ only); they "
-                "are kept dense and read all feature channels",
-            }
-        )
-
-    definition = CompactDefinition(
-        ops=tuple(ops),
-        layouts=tuple((n.name, tuple(int(c) for c in layout[n.name])) for n in nodes),
-        widths=tuple(widths),
-        depth=depth,
-        output_stride=output_stride,
-        input_size=input_size,
-        feature_channels=int(width["features"]),
-        heads=heads,
-        head_width_multiplier=float(head_wm),
-    )
-    report = {
-        "summary": {
-            "convs": len(widths),
-            "convs_not_computed": [w.name for w in widths if w.out_compact == 0],
-            "input_channels_dense": sum(w.in_dense for w in widths),
-            "input_channels_compact": sum(w.in_compact for w in widths),
-            "output_channels_dense": sum(w.out_dense for w in widths),
-            "output_channels_compact": sum(w.out_compact for w in widths),
-        },
-        "input_size": list(input_size),
-        "dense_conv_flops_per_image": _conv_flops(definition, 1, compact=False),
-        "compact_conv_flops_per_image": _conv_flops(definition, 1, compact=True),
-        "layers": report_layers,
-        "folded_constants": folded,
-        "not_removed": not_removed + _stream_report(nodes, layout, reads, width),
-        "spatial_bias_layers": [],
-    }
-    model_out = CompactModel(definition=definition, params=jax.tree.map(jnp.asarray, new_params), report=report)
-    report["spatial_bias_layers"] = model_out.spatial_bias_layers
-    return model_out
+    return ops
 
 
 def _add_const(acc, value):
@@ -818,7 +814,7 @@ def _stream_report(nodes, layout, reads, width) -> list[dict]:
     return out
 
 
-def _dense_values(nodes: Sequence[_Node], kernels, bn_raw, input_size) -> dict[str, np.ndarray]:
+def _dense_values(nodes: Sequence[graph.Node], kernels, bn_raw, input_size) -> dict[str, np.ndarray]:
     """Every node's eval-mode activation [H, W, C] on a zero image, computed as the dense model does."""
     acts: dict[str, jax.Array] = {"input": jnp.zeros((1, *input_size, 3), jnp.float32)}
     for n in nodes[1:]:
@@ -846,22 +842,11 @@ def save_compact(path: str, model: CompactModel) -> None:
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
         # Node names contain '/', so keys are joined with '|'.
         flat[KEY_SEPARATOR.join(str(getattr(k, "key", k)) for k in key_path)] = np.asarray(leaf)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    for suffix, write in (
-        (".npz", lambda f: np.savez(f, **flat)),
-        (
-            ".json",
-            lambda f: f.write(
-                json.dumps({"definition": model.definition.to_json(), "report": model.report}, indent=1).encode()
-            ),
-        ),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix + ".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path + suffix)
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    fileio.write_bytes(path + ".npz", buffer.getvalue())
+    doc = {"definition": model.definition.to_json(), "report": model.report}
+    fileio.write_text(path + ".json", json.dumps(doc, indent=1))
 
 
 def load_compact(path: str) -> CompactModel:

@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from mtl_sparse_jax import fileio
+
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key and the fix."""
@@ -47,14 +49,14 @@ def _get(cfg, path):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for an unknown key, an unknown task or choice, or an inconsistent value."""
-    from configs import default
+    from mtl_sparse_jax import defaults
     from mtl_sparse_jax import tasks as tasks_lib
 
-    known = set(_flat_keys(default.get_config()))
+    known = set(_flat_keys(defaults.get_config()))
     for key in _flat_keys(config):
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else "; see configs/default.py for every key"
+            hint = f"; did you mean '{close[0]}'?" if close else "; see mtl_sparse_jax/defaults.py for every key"
             raise ConfigError(f"unknown config key '{key}'{hint}")
     for key, choices in _CHOICES.items():
         value = _get(config, key)
@@ -85,21 +87,18 @@ def to_dict(config) -> dict:
 
 
 def save(config, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(config), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    fileio.write_json(path, to_dict(config), indent=2, sort_keys=True)
 
 
 def load(path: str) -> ml_collections.ConfigDict:
     """Reads a resolved config.json back into a ConfigDict (tuples restored where the defaults have tuples)."""
-    from configs import default
+    from mtl_sparse_jax import defaults
 
     if not os.path.exists(path):
         raise ConfigError(f"{path} does not exist; pass --config FILE or train in this workdir first")
     with open(path) as f:
         values = json.load(f)
-    config = default.get_config()
+    config = defaults.get_config()
 
     def merge(cfg, d, prefix=""):
         for k, v in d.items():

@@ -1,4 +1,4 @@
-"""Command line: train, evaluate or benchmark. Kept short on purpose; the work happens in train.py.
+"""Command line: train, evaluate or benchmark. Kept short on purpose; the work happens in `training`.
 
 python -m mtl_sparse_jax.main --config configs/nyu.py --workdir runs/nyu [--config.sparsity.lam=1e-6]
 python -m mtl_sparse_jax.main --mode eval --workdir runs/nyu
@@ -26,6 +26,33 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def prepare_demo_data(config) -> None:
+    """Generates the synthetic demo dataset on first use: process 0 writes it, the others wait at a barrier."""
+    import jax
+
+    data = config.data
+    if config.dataset != "synthetic" or not data.generate_if_missing:
+        return
+    manifest = os.path.join(data.dir, "manifest.json")
+    if jax.process_index() == 0 and not os.path.exists(manifest):
+        from data_prep import synthetic
+
+        print(f"generating the synthetic demo dataset in {data.dir} (first use)", flush=True)
+        synthetic.generate(
+            data.dir,
+            num_train=data.synthetic_num_train,
+            num_val=data.synthetic_num_val,
+            num_test=data.synthetic_num_test,
+            image_size=data.synthetic_size,
+            seed=config.seed,
+            num_classes=config.seg_num_classes,
+        )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("demo data ready")
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config.sparsity.lam=1e-6")
@@ -41,7 +68,7 @@ def main(argv):
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mtl_sparse_jax/xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from mtl_sparse_jax import config_utils, train
+    from mtl_sparse_jax import config_utils, training
     from mtl_sparse_jax.data import spec as data_spec
 
     try:
@@ -55,13 +82,14 @@ def main(argv):
 
             benchmark.run_from_workdir(config, FLAGS.workdir)
             return
+        prepare_demo_data(config)
         if FLAGS.mode == "train":
-            train.train_and_evaluate(config, FLAGS.workdir)
+            training.train_and_evaluate(config, FLAGS.workdir)
         else:
-            train.evaluate_workdir(config, FLAGS.workdir)
+            training.evaluate_workdir(config, FLAGS.workdir)
         with open(os.path.join(FLAGS.workdir, "results.md")) as f:
             print(f.read())
-    except (config_utils.ConfigError, data_spec.DataError, train.NonFiniteLossError, FileNotFoundError) as e:
+    except (config_utils.ConfigError, data_spec.DataError, training.NonFiniteLossError, FileNotFoundError) as e:
         _fail(str(e))
 
 

@@ -1,4 +1,8 @@
-"""Run outputs for people and programs: progress bars, JSON, TensorBoard, plots and the results tables."""
+"""Run outputs for people and programs: progress bars, JSON and JSON lines, TensorBoard, plots, results tables.
+
+Every writer here writes on process 0 only (`is_writer()`), through `fileio`'s atomic writes, so several
+processes of one run never write the same file and a killed run never leaves a half-written one.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +15,50 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mtl_sparse_jax import fileio
+
 # Sparsity columns close every results table, as the authors' CSVs do.
 SPARSITY_COLUMNS = ("sparsity/group", "sparsity/param")
 
 
+def is_writer() -> bool:
+    """True on the process that writes a run's outputs (process 0 of a multi-process run)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=float)
-    os.replace(tmp, path)
+    if is_writer():
+        fileio.write_json(path, obj, indent=2, default=float)
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    if is_writer():
+        fileio.write_text(path, text)
+
+
+class JsonlWriter:
+    """metrics.jsonl: one JSON object per line; rewritten whole on resume, appended to after each epoch."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def rewrite(self, records: Sequence[dict]) -> None:
+        _write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+
+    def append(self, records: Sequence[dict]) -> None:
+        if not is_writer():
+            return
+        with open(self.path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,12 +109,15 @@ class SummaryWriter:
     """TensorBoard scalars `<split>/<key>` per epoch; a no-op if TensorFlow is not installed."""
 
     def __init__(self, logdir: str):
+        self._writer = None
+        if not is_writer():
+            return
         try:
             from flax.metrics import tensorboard
 
             self._writer = tensorboard.SummaryWriter(logdir)
         except ImportError:
-            self._writer = None
+            pass
 
     def write(self, epoch: int, records: Sequence[dict]) -> None:
         if self._writer is None:
@@ -113,13 +148,13 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
     """Writes the figure as PNG via a temp file, so a killed run never leaves a half-written plot."""
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    if is_writer():
+        with fileio.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     _pyplot().close(fig)
-    os.replace(tmp, path)
 
 
 def plot_sparsity_layers(per_layer: Sequence[Sequence], path: str, title: str = "") -> None:
@@ -138,7 +173,7 @@ def plot_sparsity_layers(per_layer: Sequence[Sequence], path: str, title: str = 
     ax.set_ylabel("input channels (groups)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_sparsity_curve(history: Sequence[dict], path: str) -> None:
@@ -157,7 +192,7 @@ def plot_sparsity_curve(history: Sequence[dict], path: str) -> None:
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_bad_flags_give_one_line_errors(tmp_path, capsys):
 def test_run_from_trained_workdir(tmp_path):
     """A real orbax 'best' checkpoint of the tiny config restores into the benchmark, which writes bench.json."""
     from mtl_sparse_jax import checkpoint as ckpt_lib
-    from mtl_sparse_jax import config_utils, losses, train
+    from mtl_sparse_jax import config_utils, losses, training
     from tests import tiny_config
 
     config = tiny_config.get_config()
@@ -112,14 +112,15 @@ def test_run_from_trained_workdir(tmp_path):
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
     config_utils.save(config, os.path.join(workdir, "config.json"))
-    tasks = train.build_tasks(config)
-    model = train.build_model(config, tasks)
+    tasks = training.build_tasks(config)
+    model = training.build_model(config, tasks)
     variables = benchmark.random_variables(model, np.zeros((1, 32, 32, 3), np.float32))
     params = dict(variables["params"])
     params["backbone"] = benchmark.random_group_sparsity(params["backbone"], 18, 0.5, seed=1)
-    params[train.LOSS_WEIGHTS_KEY] = losses.init_loss_weights(config.loss.combiner, tuple(tasks))
+    loss_weights = losses.init_loss_weights(config.loss.combiner, tuple(tasks))
     ckpts = ckpt_lib.TrialCheckpoints(os.path.join(workdir, "trial_0", "checkpoints"))
-    ckpts.save("best", 3, {"params": params, "batch_stats": variables["batch_stats"]}, {"epoch": 3})
+    best = {"params": params, "batch_stats": variables["batch_stats"], "loss_weights": loss_weights}
+    ckpts.save("best", 3, best, {"epoch": 3})
     ckpts.close()
     loaded = config_utils.load(os.path.join(workdir, "config.json"))
     result = benchmark.run_from_workdir(loaded, workdir, batch_sizes=(2,), dtypes=("float32",), repeats=1, size=32)

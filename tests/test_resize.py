@@ -107,3 +107,29 @@ def test_resizes_are_jittable():
 def test_bad_rank_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"\[B,H,W\] or \[B,H,W,C\]"):
         resize_nearest_torch(np.zeros((4, 4), np.float32), (2, 2))
+
+
+def _plain_bilinear_taps(in_size, out_size):
+    """PyTorch's align_corners=False rule, element by element in Python floats (float64)."""
+    out = []
+    for dst in range(out_size):
+        src = max((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)  # the scale first, as PyTorch
+        lo = min(int(src // 1), in_size - 1)
+        out.append((lo, min(lo + 1, in_size - 1), src - lo))
+    return out
+
+
+def test_one_index_map_shared_with_data_prep_and_exact_against_plain_float64():
+    from data_prep import resize as prep_resize
+    from mtl_sparse_jax.data import resize as data_resize
+
+    assert prep_resize.nearest_indices is data_resize.nearest_source_indices
+    for in_size in (1, 2, 3, 7, 8, 32, 64, 255, 256, 480, 640):
+        for out_size in (1, 5, 8, 31, 32, 64, 256, 257):
+            lo, hi, w = data_resize.bilinear_source_weights(in_size, out_size)
+            plain = _plain_bilinear_taps(in_size, out_size)
+            assert lo.tolist() == [p[0] for p in plain] and hi.tolist() == [p[1] for p in plain]
+            assert w.tolist() == [p[2] for p in plain]
+            i0, i1, w0, w1 = prep_resize._bilinear_taps(in_size, out_size)
+            assert i0.tolist() == lo.tolist() and i1.tolist() == hi.tolist() and w1.tolist() == w.tolist()
+            assert (w0 == 1.0 - w1).all()

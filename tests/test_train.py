@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_sparse_jax import config_utils, train
+from mtl_sparse_jax import config_utils, training
 from mtl_sparse_jax.data import spec as data_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def data_dir(tmp_path_factory):
 def trained(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = tiny_config(data_dir)
-    results = train.train_and_evaluate(config, str(workdir))
+    results = training.train_and_evaluate(config, str(workdir))
     return config, workdir, results
 
 
@@ -101,12 +101,11 @@ def test_sparsity_is_logged_as_the_prox_produces_it(trained):
     """The logged group sparsity equals the fraction of all-zero input-channel slices of backbone kernels,
     counted here directly on the restored parameters."""
     config, workdir, _ = trained
-    trainer = train.Trainer(config)
-    trainer.setup((32, 32))
+    spec = training.step_spec(config)
     from mtl_sparse_jax import checkpoint
 
     ck = checkpoint.TrialCheckpoints(str(workdir / "trial_0" / "checkpoints"))
-    state, meta = ck.restore("latest", trainer.abstract_state())
+    state, meta = ck.restore("latest", training.abstract_train_state(spec, (32, 32)))
     ck.close()
     zero = total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(state.params["backbone"])[0]:
@@ -124,7 +123,7 @@ def test_eval_mode_restores_on_another_device_count(trained):
     metrics that training wrote."""
     config, workdir, results = trained
     assert jax.device_count() == 8
-    again = train.evaluate_workdir(config, str(workdir), devices=jax.devices()[:1])
+    again = training.evaluate_workdir(config, str(workdir), devices=jax.devices()[:1])
     for k, v in results[0].items():
         if isinstance(v, float):
             assert again[0][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
@@ -144,13 +143,15 @@ def test_eight_devices_match_one_device(data_dir, trained):
     )[:2]
     finals = []
     for devices in (jax.devices()[:1], jax.devices()):
-        trainer = train.get_trainer(config, (32, 32), devices=devices)
-        assert trainer.num_devices == len(devices)
-        state = trainer.set_hyperparams(trainer.init_state(0), lam=0.0)
-        stats = trainer._train_stats_init()
+        spec = training.step_spec(config, devices=devices)
+        assert spec.num_devices == len(devices)
+        state = training.create_train_state(spec, (32, 32), 0, learning_rate=config.optimizer.lr, lam=0.0)
+        stats = training.init_train_stats(spec)
         losses = []
         for b in batches:
-            state, step_losses, stats = trainer._train_step(state, trainer.put_batch(b), jax.random.PRNGKey(1), stats)
+            state, step_losses, stats = training.train_step(
+                spec, state, training.put_batch(spec, b), jax.random.PRNGKey(1), stats
+            )
             losses.append(float(step_losses["total"]))
         finals.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
     (l1, p1, b1), (l8, p8, b8) = finals
@@ -226,11 +227,11 @@ def test_killed_run_resumes_to_the_same_result(data_dir, trained, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     config = tiny_config(data_dir, num_epochs=1)
-    train.train_and_evaluate(config, str(tmp_path))
+    training.train_and_evaluate(config, str(tmp_path))
     os.remove(tmp_path / "trial_0" / "test_metrics.json")  # let the trial continue with more epochs
     exploding = tiny_config(data_dir, num_epochs=3, **{"optimizer.lr": 1e30, "sparsity.lam": 0.0})
-    with pytest.raises(train.NonFiniteLossError) as e:
-        train.train_and_evaluate(exploding, str(tmp_path))
+    with pytest.raises(training.NonFiniteLossError) as e:
+        training.train_and_evaluate(exploding, str(tmp_path))
     msg = str(e.value)
     assert "non-finite loss at step" in msg and "epoch 1" in msg and "last good checkpoint (epoch 0)" in msg
     assert ("task '" in msg) or ("total loss" in msg)
@@ -258,7 +259,7 @@ def test_config_errors_name_the_key_and_the_fix(data_dir):
 def test_missing_data_dir_is_a_one_line_error(tmp_path):
     config = tiny_config(tmp_path / "nope")
     with pytest.raises(data_spec.DataError) as e:
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        training.train_and_evaluate(config, str(tmp_path / "run"))
     assert str(tmp_path / "nope") in str(e.value) and "\n" not in str(e.value)
 
 
@@ -280,8 +281,9 @@ def test_stopped_task_head_is_frozen_and_leaves_the_loss(data_dir, trained):
     from mtl_sparse_jax.data import pipeline as input_pipeline
 
     config = tiny_config(data_dir)
-    trainer = train.get_trainer(config, (32, 32))
-    batch = trainer.put_batch(
+    spec = training.step_spec(config)
+    batch = training.put_batch(
+        spec,
         next(
             input_pipeline.iterate_batches(
                 str(data_dir),
@@ -293,14 +295,16 @@ def test_stopped_task_head_is_frozen_and_leaves_the_loss(data_dir, trained):
                 epoch=0,
                 depth_norm="fixed",
             )
-        )
+        ),
     )
     totals = {}
     for active in (1.0, 0.0):
-        state = trainer.init_state(0)
+        state = training.create_train_state(
+            spec, (32, 32), 0, learning_rate=config.optimizer.lr, lam=config.sparsity.lam
+        )
         before = jax.device_get(state.params)
         state = state.replace(task_active={**state.task_active, "depth": jnp.float32(active)})
-        state, losses, _ = trainer._train_step(state, batch, jax.random.PRNGKey(1), trainer._train_stats_init())
+        state, losses = training.update(spec, state, batch, jax.random.PRNGKey(1))
         after = jax.device_get(state.params)
         totals[active] = float(losses["total"])
         depth_moved = any(

@@ -69,6 +69,24 @@ def head_param_name(task: str) -> str:
     return f"head_{task}"
 
 
+def build_head(
+    spec: HeadSpec, head_width_multiplier: float, *, dtype=jnp.float32, param_dtype=jnp.float32, name=None
+) -> nn.Module:
+    """The head module of a task (DeepLab 256 channels, or classification 64 conv / 32 dense), scaled."""
+    hw = head_width_multiplier
+    if spec.kind == "deeplab":
+        return DeepLabHead(
+            out_channels=spec.out_channels,
+            channels=scaled_width(256, hw),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name=name,
+        )
+    return ClassificationHead(
+        hidden=scaled_width(64, hw), dense=scaled_width(32, hw), dtype=dtype, param_dtype=param_dtype, name=name
+    )
+
+
 class MultiTaskModel(nn.Module):
     """Shared ResNetD backbone (applied once) with one head per ``HeadSpec``.
 
@@ -117,25 +135,15 @@ class MultiTaskModel(nn.Module):
         else:
             features = backbone(x, train=train)
 
-        hw = self.head_width_multiplier
         outputs = {}
         for spec in specs:
-            if spec.kind == "deeplab":
-                head = DeepLabHead(
-                    out_channels=spec.out_channels,
-                    channels=scaled_width(256, hw),
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    name=head_param_name(spec.name),
-                )
-            else:
-                head = ClassificationHead(
-                    hidden=scaled_width(64, hw),
-                    dense=scaled_width(32, hw),
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    name=head_param_name(spec.name),
-                )
+            head = build_head(
+                spec,
+                self.head_width_multiplier,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=head_param_name(spec.name),
+            )
             outputs[spec.name] = head(features, train=train).astype(jnp.float32)
 
         if taps:

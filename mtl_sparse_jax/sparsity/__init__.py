@@ -28,7 +28,7 @@ from mtl_sparse_jax.sparsity.prox import (
     prox_l1,
     safe_group_norms,
 )
-from mtl_sparse_jax.sparsity.stats import order_layers, sparsity_counts, stats
+from mtl_sparse_jax.sparsity.stats import order_layers, sparsity_counts, stats, zero_group_mask
 from mtl_sparse_jax.sparsity.transforms import (
     GroupLassoProxState,
     ProxAdamWState,
@@ -57,6 +57,7 @@ __all__ = [
     "order_layers",
     "sparsity_counts",
     "stats",
+    "zero_group_mask",
     "GroupLassoProxState",
     "ProxAdamWState",
     "group_lasso_prox",

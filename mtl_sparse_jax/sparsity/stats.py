@@ -19,13 +19,20 @@ from mtl_sparse_jax.sparsity import groups as groups_lib
 COUNT_COLUMNS = ("zero_groups", "zero_params", "zero_output_filters")
 
 
+def _others(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if i != axis % ndim)
+
+
+def zero_group_mask(x, axis: int):
+    """[num groups] bool: group c of `x` (the slice `x.take(c, axis)`) is exactly zero. The one definition of a
+    zero group that every counter of the project uses (not a norm test, which underflows)."""
+    return jnp.all(jnp.asarray(x) == 0, axis=_others(jnp.ndim(x), axis))
+
+
 def _leaf_counts(x, axis: int, output_axis: int):
-    is_zero = x == 0
-    ndim = x.ndim
-    others = lambda a: tuple(i for i in range(ndim) if i != a % ndim)
-    zero_groups = jnp.sum(jnp.all(is_zero, axis=others(axis)))
-    zero_params = jnp.sum(is_zero)
-    zero_out = jnp.sum(jnp.all(is_zero, axis=others(output_axis)))
+    zero_groups = jnp.sum(zero_group_mask(x, axis))
+    zero_params = jnp.sum(x == 0)
+    zero_out = jnp.sum(zero_group_mask(x, output_axis))
     return jnp.stack([zero_groups, zero_params, zero_out]).astype(jnp.int32)
 
 

@@ -1,0 +1,82 @@
+"""Every config field, with its default. `configs/default.py` re-exports it; the other configs import that and
+override what they need, and `config_utils.validate` refuses any key that is not here.
+
+The fields `tasks`, `num_epochs`, `batch_size`, `num_trials`, `seed`, `sparsity.lam` and `data.dir` are a
+documented contract: they exist with the same meaning in every config (see the README).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # Dataset: 'nyu', 'celeba' or 'synthetic'. data.dir holds shards written by data_prep.
+    c.dataset = "nyu"
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = "data/nyu"
+    c.data.depth_norm = "reference"  # 'reference' (per-image max, clip [0.1, p99]) | 'fixed' | 'none'
+    c.data.depth_max_m = 10.0  # used by depth_norm='fixed'
+    c.data.verify = "size"  # manifest check at start: 'size' | 'sha256' | 'none'
+    c.data.generate_if_missing = False  # synthetic only: generate the demo data on first use
+    c.data.synthetic_num_train = 768
+    c.data.synthetic_num_val = 128
+    c.data.synthetic_num_test = 128
+    c.data.synthetic_size = 64
+
+    # One list chooses single-task (one entry) or multi-task training.
+    c.tasks = ("seg", "normals", "depth")
+    c.seg_num_classes = 40  # classes with labels; NYU 40, CelebA 3
+    c.seg_num_logits = 0  # 0 = seg_num_classes; the reference used 41 logits on NYU
+    c.loss_resolution = "feature"  # 'feature' (targets downsampled, as the reference) | 'input'
+    c.double_sigmoid = False  # True reproduces the reference's sigmoid-then-BCE-with-logits
+
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 50  # ResNetD-18 / 50 / 101
+    c.model.width_multiplier = 1.0
+    c.model.head_width_multiplier = 1.0
+    c.model.output_stride = 8
+    c.model.dtype = "float32"  # compute dtype; params stay float32
+    c.model.reference_bn_updates = False  # True: update backbone BN statistics once per task, as the reference
+
+    c.batch_size = 16  # global batch, split over all devices and processes
+    c.eval_batch_size = 8
+    c.num_epochs = 1000
+    c.steps_per_epoch = 0  # 0 = one pass over the train split
+    c.num_trials = 5
+    c.seed = 0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "prox_adamw"  # 'prox_adamw' | 'adam_l2' (torch Adam with coupled L2, the reference's dense run)
+    c.optimizer.lr = 1e-4
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-6
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.reset_each_epoch = False  # the reference rebuilt its optimizer (moments and step) every epoch
+
+    c.sparsity = ml_collections.ConfigDict()
+    c.sparsity.lam = 1e-5  # 0 gives the dense baseline
+    c.sparsity.prox = "adaptive"  # 'adaptive' (Adam-weighted, as the reference) | 'euclidean' (paper Eq. 5) | 'none'
+    c.sparsity.group_rule = r"^backbone/.*kernel$"
+    c.sparsity.penalty_in_loss = False  # the reference also back-propagated lam * sum sqrt(C_in) ||W_c||
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.combiner = (
+        "uncertainty"  # 'uncertainty' (learned) | 'uncertainty_reference' (fixed, as the code) | 'sum' | 'fixed'
+    )
+    c.loss.fixed_weights = ""  # for 'fixed': 'seg=1,depth=2,...'
+
+    c.early_stopping = ml_collections.ConfigDict()
+    c.early_stopping.patience = 25  # on the validation total; 0 disables
+    c.early_stopping.task_patience = 25  # per task, on its raw validation loss; 0 disables
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.checkpoint = "best"  # 'best' (global best) | 'per_task' (each task from its own best, as main_multi_trials)
+    c.eval.train_mode = False  # True reproduces the reference's test in train mode (BN batch stats, dropout on)
+
+    c.log = ml_collections.ConfigDict()
+    c.log.progress = True  # one progress bar per epoch
+    c.log.train_metrics = True  # task metrics on train batches (train-mode outputs, as the reference)
+
+    return c
