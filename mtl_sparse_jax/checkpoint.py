@@ -2,7 +2,7 @@
 
 Layout under `trial_<k>/checkpoints/`:
 
-    latest/<epoch>/        full train state + JSON meta (history, early stopping); one kept
+    latest/<epoch>/        full train state + JSON meta (history, early stopping); the two newest kept
     best/<epoch>/          params and batch stats at the best validation total
     best_<task>/<epoch>/   params and batch stats at that task's best validation loss
 
@@ -10,6 +10,9 @@ Orbax writes each step to a temporary directory and renames it when complete, an
 finalised steps, so a checkpoint half-written by a killed run is never read back. Restoring takes an abstract
 target (shapes, dtypes and shardings from `jax.eval_shape` on the current mesh), so a checkpoint written on
 8 devices restores on 1.
+
+A checkpoint that cannot be read (truncated or corrupted files) raises `CheckpointError`, one line naming its
+directory. `restore_newest_readable` (used on resume) falls back to the previous `latest` step and says so.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read; the message names its directory and the fix."""
 
 
 def _manager(directory: str, max_to_keep: int = 1) -> ocp.CheckpointManager:
@@ -35,7 +42,8 @@ class TrialCheckpoints:
 
     def _get(self, name: str) -> ocp.CheckpointManager:
         if name not in self._managers:
-            self._managers[name] = _manager(os.path.join(self.directory, name))
+            keep = 2 if name == "latest" else 1  # a spare for resuming when the newest is unreadable
+            self._managers[name] = _manager(os.path.join(self.directory, name), max_to_keep=keep)
         return self._managers[name]
 
     def exists(self, name: str) -> bool:
@@ -56,18 +64,43 @@ class TrialCheckpoints:
             return None
         return self._get(name).latest_step()
 
-    def restore(self, name: str, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores the newest step of `name` into the shapes and shardings of `abstract_state`."""
+    def restore(self, name: str, abstract_state: Any, *, step: int | None = None) -> tuple[Any, dict]:
+        """Restores step `step` (default: the newest) of `name` into the shapes and shardings of `abstract_state`."""
         mngr = self._get(name)
-        step = mngr.latest_step()
+        step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(
                 f"no finished checkpoint in {os.path.join(self.directory, name)}; train first with --mode train"
             )
-        restored = mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        )
+        where = os.path.join(self.directory, name, str(step))
+        try:
+            restored = mngr.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+            )
+        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds; all mean "unreadable")
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise CheckpointError(
+                f"checkpoint {where} cannot be read ({type(e).__name__}: {first}); it is truncated, corrupted or was "
+                f"written for another model. Delete it to fall back to an older one, or use a new --workdir"
+            ) from None
+        if restored["meta"] is None:
+            raise CheckpointError(f"checkpoint {where} has no meta data; delete it or use a new --workdir")
         return restored["state"], restored["meta"]
+
+    def restore_newest_readable(self, name: str, abstract_state: Any) -> tuple[Any, dict]:
+        """Like `restore`, but an unreadable newest step falls back to the previous one, with a message."""
+        steps = sorted(self._get(name).all_steps(), reverse=True)
+        if not steps:
+            return self.restore(name, abstract_state)
+        for i, step in enumerate(steps):
+            try:
+                return self.restore(name, abstract_state, step=step)
+            except CheckpointError as e:
+                if i + 1 == len(steps):
+                    raise
+                print(f"warning: {e}; resuming from the previous checkpoint (epoch {steps[i + 1]})", flush=True)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         for mngr in self._managers.values():

@@ -68,7 +68,7 @@ def main(argv):
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mtl_sparse_jax/xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from mtl_sparse_jax import config_utils, training
+    from mtl_sparse_jax import checkpoint, config_utils, training
     from mtl_sparse_jax.data import spec as data_spec
 
     try:
@@ -89,7 +89,13 @@ def main(argv):
             training.evaluate_workdir(config, FLAGS.workdir)
         with open(os.path.join(FLAGS.workdir, "results.md")) as f:
             print(f.read())
-    except (config_utils.ConfigError, data_spec.DataError, training.NonFiniteLossError, FileNotFoundError) as e:
+    except (
+        config_utils.ConfigError,
+        data_spec.DataError,
+        training.NonFiniteLossError,
+        checkpoint.CheckpointError,
+        FileNotFoundError,
+    ) as e:
         _fail(str(e))
 
 

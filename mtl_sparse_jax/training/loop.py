@@ -142,7 +142,7 @@ def run_trial(spec: StepSpec, config, trial_dir: str, trial: int, image_size, ba
     task_es = {t: EarlyStopper(config.early_stopping.task_patience) for t in spec.task_names}
     start_epoch = 0
     if ckpts.latest_epoch("latest") is not None:
-        state, meta = ckpts.restore("latest", state_lib.abstract_train_state(spec, image_size))
+        state, meta = ckpts.restore_newest_readable("latest", state_lib.abstract_train_state(spec, image_size))
         history = meta["history"]
         es = EarlyStopper(**meta["early_stopping"])
         task_es = {t: EarlyStopper(**v) for t, v in meta["task_early_stopping"].items()}
@@ -331,9 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     config_utils.validate(config)
     manifest = load_data_manifest(config)
     spec = step_spec(config, devices=devices)
+    config_utils.record_workdir_config(config, workdir, write=report.is_writer())
     os.makedirs(workdir, exist_ok=True)
-    if report.is_writer():
-        config_utils.save(config, os.path.join(workdir, "config.json"))
     image_size = tuple(manifest["image_size"])
     results = []
     for trial in range(config.num_trials):
