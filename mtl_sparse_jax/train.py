@@ -448,7 +448,9 @@ def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dic
     process_count = jax.process_count()
     local_batch = config.batch_size // process_count
     eval_batch = _eval_batch_size(config, trainer.num_devices, process_count)
-    steps = input_pipeline.steps_per_epoch(data.dir, "train", local_batch, train=True, process_count=process_count)
+    steps = input_pipeline.steps_per_epoch(
+        data.dir, "train", local_batch, train=True, process_count=process_count, data_format=data.format
+    )
     if config.steps_per_epoch:
         steps = min(steps, config.steps_per_epoch)
     if steps == 0:
@@ -467,6 +469,8 @@ def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dic
             epoch=epoch,
             depth_norm=data.depth_norm,
             depth_max_m=data.depth_max_m,
+            data_format=data.format,
+            features=data.features,
         )
 
     # ---- restore or init
@@ -626,6 +630,8 @@ def evaluate_trial(trainer: Trainer, config, trial_dir: str, trial: int, data, *
             epoch=0,
             depth_norm=data.depth_norm,
             depth_max_m=data.depth_max_m,
+            data_format=data.format,
+            features=data.features,
         )
 
     def run(name):
@@ -697,6 +703,10 @@ def _prepare_data(config):
                         f"the demo data; generate it first with python -m data_prep.synthetic"
                     )
                 time.sleep(2)
+    if data.format == "tfds":  # no manifest.json: the image size comes from the tfds dataset's features
+        from mtl_sparse_jax.data import tfds_source
+
+        return tfds_source.describe(data.dir, data.features)
     manifest = data_spec.load_manifest(data.dir, verify=data.verify)
     return manifest
 
