@@ -1,7 +1,8 @@
 """tf.data input pipeline: TFRecord shards + manifest.json -> per-process numpy batches for the trainer.
 
-This is the only module of `mtl_sparse_jax` that imports TensorFlow, and it does so lazily, hiding every GPU
-from TF first so that TF never takes accelerator memory from JAX.
+This is the only module of `mtl_sparse_jax` that imports TensorFlow (with `tfds_source`, which reads tfds
+dataset directories through it: `data_format='tfds'`), and it does so lazily, hiding every GPU from TF first so
+that TF never takes accelerator memory from JAX.
 
 Batches (docs/architecture.md): `image` float32 [B,H,W,3] in [0,1]; `seg` int32 [B,H,W] (255 = ignore);
 `depth` float32 [B,H,W,1] normalised per `depth_norm`, `depth_valid` float32 [B,H,W,1], `depth_scale`
