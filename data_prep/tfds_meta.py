@@ -1,5 +1,7 @@
 """TFDS metadata for converted shards, so that `tfds.builder_from_directory(DIR)` reads them as they are.
 
+    python -m data_prep.tfds_meta --data DIR      (for a folder converted before the converters wrote it)
+
 Every converter calls `write_tfds_metadata(DIR)` after `manifest.json`; it adds `dataset_info.json` and
 `features.json` (written by `tfds.folder_dataset.write_metadata`) next to the shards. The shards are not
 rewritten: each stored feature has a tfds feature connector that decodes our encoding exactly
@@ -26,8 +28,10 @@ crash never leaves a readable but half-written description.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import sys
 import tempfile
 
 from mtl_sparse_jax.data import spec as data_spec
@@ -161,3 +165,20 @@ def write_tfds_metadata(out_dir: str, *, check: bool = True) -> list[str]:
             for _ in builder.as_dataset(split=f"{split}[:1]").take(1):
                 pass
     return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.tfds_meta", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="converted dataset folder (holds manifest.json)")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_tfds_metadata(args.data)
+    except (ValueError, OSError) as err:  # DataError is a ValueError; one line that names the file
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"[tfds_meta] wrote {', '.join(paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -255,13 +255,30 @@ def test_tfds_errors_name_the_feature_and_the_fix(foreign_dir, synthetic_dir, tm
         pipeline.make_dataset(data_dir, "valid", features=NAMES, **kw)
     with pytest.raises(DataError, match=r"data.verify='sha256' needs checksums"):
         pipeline.make_dataset(data_dir, "test", features=NAMES, verify="sha256", **kw)
-    shards_only = tmp_path / "shards_only"
-    shards_only.mkdir()
-    (shards_only / "manifest.json").write_text("{}")
-    with pytest.raises(DataError, match=r"dataset_info.json not found.*data.format='shards'"):
-        pipeline.make_dataset(str(shards_only), "train", **kw)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"dataset_info.json not found: .* is not a tfds dataset directory"):
+        pipeline.make_dataset(str(empty), "train", **kw)
     # Our own directories carry checksums: sha256 verification works there.
     assert pipeline.make_dataset(synthetic_dir, "test", verify="sha256", **kw) is not None
+
+
+def test_shards_without_tfds_metadata_get_it_from_the_cli(tmp_path, capsys):
+    from data_prep import tfds_meta
+
+    d = str(tmp_path / "old")
+    synthetic.generate(d, num_train=3, num_val=1, num_test=2, image_size=8, num_classes=4)
+    for name in tfds_meta.TFDS_FILES:  # as an older version of the converters left it
+        os.remove(os.path.join(d, name))
+    kw = dict(tasks=["seg"], batch_size=1, train=False, data_format="tfds", process_index=0, process_count=1)
+    with pytest.raises(DataError, match=r"without tfds metadata.*python -m data_prep.tfds_meta --data"):
+        pipeline.make_dataset(d, "test", **kw)
+    assert tfds_meta.main(["--data", d]) == 0
+    assert [b["id"][0] for b in _batches(d, "test", **kw, with_ids=True)] == [
+        b["id"][0] for b in _batches(d, "test", **{**kw, "data_format": "shards"}, with_ids=True)
+    ]
+    assert tfds_meta.main(["--data", str(tmp_path / "nothing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_config_fields_for_tfds():

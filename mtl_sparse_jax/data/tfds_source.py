@@ -61,6 +61,12 @@ def _builder(data_dir: str):
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir} does not exist; set data.dir to a tfds dataset directory")
     if not os.path.isfile(os.path.join(data_dir, INFO_FILE)):
+        if os.path.isfile(os.path.join(data_dir, data_spec.MANIFEST_NAME)):
+            raise DataError(
+                f"{os.path.join(data_dir, INFO_FILE)} not found: {data_dir} holds our shards without tfds "
+                f"metadata (converted by an older version); run python -m data_prep.tfds_meta --data "
+                f"{data_dir}, or use data.format='shards'"
+            )
         raise DataError(
             f"{os.path.join(data_dir, INFO_FILE)} not found: {data_dir} is not a tfds dataset directory (the "
             f"folder of one version, e.g. ~/tensorflow_datasets/NAME/1.0.0); point data.dir there, or use "
