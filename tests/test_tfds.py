@@ -114,8 +114,14 @@ def test_tfds_default_order_is_the_manifest_order(synthetic_dir):
 
 @pytest.mark.parametrize(
     "train,cache,process_index,process_count",
-    [(False, True, 0, 1), (False, False, 0, 1), (True, True, 0, 1), (False, True, 1, 2), (False, False, 1, 2)]
-    + [(True, True, 1, 2)],
+    [
+        (False, True, 0, 1),
+        (False, False, 0, 1),
+        (True, True, 0, 1),
+        (False, True, 1, 2),
+        (False, False, 1, 2),
+        (True, True, 1, 2),
+    ],
 )
 def test_tfds_format_yields_the_shards_batches(synthetic_dir, train, cache, process_index, process_count):
     """Same keys, dtypes, values, order and padding as the TFRecord path, on the same examples."""

@@ -22,6 +22,7 @@ need is neither checked nor decoded. tensorflow_datasets is imported inside func
 from __future__ import annotations
 
 import collections
+import logging
 import os
 
 import numpy as np
@@ -237,9 +238,22 @@ def _make_decoder(needed, image_size, depth_norm: str, depth_max_m: float, id_ke
     return decode
 
 
+class _ShuffledOrderedDatasetFilter(logging.Filter):
+    """Drops tfds's warning that an ordered dataset is read shuffled: training does that on purpose, every epoch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an ordered dataset" not in record.getMessage()
+
+
+_LOG_FILTER = _ShuffledOrderedDatasetFilter()
+
+
 def _read(builder, split: str, needed, id_key, *, shuffle_seed: int | None, cycle_length: int):
     """The split's examples, undecoded (tfds's SkipDecoding), in the split's order unless shuffle_seed is set."""
     import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    if _LOG_FILTER not in logging.getLogger("absl").filters:
+        logging.getLogger("absl").addFilter(_LOG_FILTER)
 
     keys = [name for name, _ in needed.values()] + ([id_key] if id_key not in (None, TFDS_ID) else [])
     read_config = tfds.ReadConfig(
