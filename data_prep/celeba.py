@@ -380,7 +380,7 @@ def convert(
         "part_order": list(PART_ORDER),
         "attributes": ATTRIBUTE_TASKS,
     }
-    return write_manifest(
+    manifest_path = write_manifest(
         out,
         dataset="celebamask_hq",
         source_layout=f"raw_release+{mask_source}",
@@ -390,6 +390,10 @@ def convert(
         splits=entries,
         extra=extra,
     )
+    from data_prep import tfds_meta
+
+    tfds_meta.write_tfds_metadata(out)  # dataset_info.json + features.json: tfds reads the shards too
+    return manifest_path
 
 
 def main(argv=None) -> int:

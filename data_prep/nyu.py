@@ -545,7 +545,7 @@ def convert(
             )
             raw_io.report_skipped(entries[split], split, log)
     features = ("image",) + tasks
-    return write_manifest(
+    manifest_path = write_manifest(
         out,
         dataset="nyuv2",
         source_layout=layout,
@@ -555,6 +555,10 @@ def convert(
         splits=entries,
         extra=extra,
     )
+    from data_prep import tfds_meta
+
+    tfds_meta.write_tfds_metadata(out)  # dataset_info.json + features.json: tfds reads the shards too
+    return manifest_path
 
 
 def main(argv=None) -> int:

@@ -304,7 +304,7 @@ def generate(
             overwrite=force,
         )
     focal, cx, cy = intrinsics(image_size)
-    return shards.write_manifest(
+    manifest_path = shards.write_manifest(
         out_dir,
         dataset="synthetic",
         source_layout="procedural",
@@ -323,6 +323,10 @@ def generate(
             "edge_rule": f"class change or relative depth jump > {EDGE_REL_DEPTH_JUMP} to a 4-neighbour",
         },
     )
+    from data_prep import tfds_meta
+
+    tfds_meta.write_tfds_metadata(out_dir)  # dataset_info.json + features.json: tfds reads the shards too
+    return manifest_path
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,10 @@ documented contract: they exist with the same meaning in every config (see the R
 
 import ml_collections
 
+# Our feature names (mtl_sparse_jax.data.spec: the image and the task targets), listed here so that importing a
+# config imports nothing else from the package.
+_FEATURES = ("image", "seg", "depth", "normals", "edge", "male", "smile", "eyebrows", "glasses")
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -15,6 +19,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset = "nyu"
     c.data = ml_collections.ConfigDict()
     c.data.dir = "data/nyu"
+    # 'shards': data.dir holds our manifest.json + TFRecord shards. 'tfds': data.dir is a tfds dataset directory
+    # (the folder of one version, holding dataset_info.json), read with tfds.builder_from_directory; our
+    # converters write both, so either works on their output.
+    c.data.format = "shards"
+    # data.format='tfds' only: the dataset's feature name for the image and for each task's target (see
+    # mtl_sparse_jax/data/tfds_source.py for the shapes and dtypes each must have), e.g.
+    # --config.data.features.seg=segmentation. The defaults are the names our converters write.
+    c.data.features = ml_collections.ConfigDict({name: name for name in _FEATURES})
     c.data.depth_norm = "reference"  # 'reference' (per-image max, clip [0.1, p99]) | 'fixed' | 'none'
     c.data.depth_max_m = 10.0  # used by depth_norm='fixed'
     c.data.verify = "size"  # manifest check at start: 'size' | 'sha256' | 'none'

@@ -1,7 +1,8 @@
 """tf.data input pipeline: TFRecord shards + manifest.json -> per-process numpy batches for the trainer.
 
-This is the only module of `mtl_sparse_jax` that imports TensorFlow, and it does so lazily, hiding every GPU
-from TF first so that TF never takes accelerator memory from JAX.
+This is the only module of `mtl_sparse_jax` that imports TensorFlow (with `tfds_source`, which reads tfds
+dataset directories through it: `data_format='tfds'`), and it does so lazily, hiding every GPU from TF first so
+that TF never takes accelerator memory from JAX.
 
 Batches (docs/architecture.md): `image` float32 [B,H,W,3] in [0,1]; `seg` int32 [B,H,W] (255 = ignore);
 `depth` float32 [B,H,W,1] normalised per `depth_norm`, `depth_valid` float32 [B,H,W,1], `depth_scale`
@@ -28,6 +29,7 @@ from mtl_sparse_jax.data import spec as data_spec
 from mtl_sparse_jax.data.spec import DataError
 
 DEPTH_NORMS = ("reference", "fixed", "none")
+DATA_FORMATS = ("shards", "tfds")  # our TFRecord shards + manifest.json | a tfds dataset directory (tfds_source)
 AUTO_CACHE_MAX_BYTES = 1 << 30  # splits whose shards are smaller are decoded once and kept in memory
 STREAM_SHUFFLE_BUFFER = 2048
 _DECODED_CACHE: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
@@ -55,14 +57,21 @@ def _tf():
 # --------------------------------------------------------------------------------------------------
 
 
-def num_examples(data_dir: str, split: str) -> int:
+def num_examples(data_dir: str, split: str, *, data_format: str = "shards") -> int:
+    if data_format == "tfds":
+        from mtl_sparse_jax.data import tfds_source  # noqa: PLC0415
+
+        return tfds_source.num_examples(data_dir, split)
     manifest = data_spec.load_manifest(data_dir, verify="none")
     return data_spec.split_entry(manifest, split, data_dir)["num_examples"]
 
 
-def steps_per_epoch(data_dir: str, split: str, batch_size: int, *, train: bool, process_count: int = 1) -> int:
+def steps_per_epoch(
+    data_dir: str, split: str, batch_size: int, *, train: bool, process_count: int = 1, data_format: str = "shards"
+) -> int:
     """Batches each process yields per epoch (the same on every process)."""
-    return data_spec.steps_for(num_examples(data_dir, split), batch_size, train=train, process_count=process_count)
+    total = num_examples(data_dir, split, data_format=data_format)
+    return data_spec.steps_for(total, batch_size, train=train, process_count=process_count)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,6 +312,8 @@ def make_dataset(
     prefetch: int = 2,
     with_ids: bool = False,
     verify: str = "size",
+    data_format: str = "shards",
+    features=None,
 ):
     """One epoch of `split` for this process, as a tf.data.Dataset of batch dicts (see the module docstring).
 
@@ -311,7 +322,11 @@ def make_dataset(
     examples. Every process yields the same number of batches, `steps_per_epoch(...)`.
     cache: keep the decoded split in memory (None: when its shards total < 1 GiB).
     with_ids: also yield 'id' (bytes [B], b'' for padding). verify: see data_spec.load_manifest.
+    data_format: 'shards' (manifest.json + our TFRecord shards) or 'tfds' (a tfds dataset directory, read by
+    tfds_source, whose `features` maps our feature names to the dataset's; see data.features in the config).
     """
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
     if depth_norm not in DEPTH_NORMS:
         raise ValueError(f"depth_norm must be one of {DEPTH_NORMS}, got {depth_norm!r}")
     if not depth_max_m > 0:
@@ -325,6 +340,27 @@ def make_dataset(
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if data_format == "tfds":  # same batches, order and padding, from tfds's reader
+        from mtl_sparse_jax.data import tfds_source  # noqa: PLC0415
+
+        return tfds_source.make_dataset(
+            data_dir,
+            split,
+            tasks=tasks,
+            features=features,
+            batch_size=batch_size,
+            train=train,
+            seed=seed,
+            epoch=epoch,
+            depth_norm=depth_norm,
+            depth_max_m=depth_max_m,
+            process_index=process_index,
+            process_count=process_count,
+            cache=cache,
+            prefetch=prefetch,
+            with_ids=with_ids,
+            verify=verify,
+        )
 
     data_dir = os.fspath(data_dir)
     manifest = data_spec.load_manifest(data_dir, verify="none")
@@ -397,6 +433,8 @@ def iterate_batches(
     prefetch: int = 2,
     with_ids: bool = False,
     verify: str = "size",
+    data_format: str = "shards",
+    features=None,
 ) -> Iterator[dict]:
     """make_dataset(...) as dicts of numpy arrays; a corrupted shard raises DataError naming it.
 
@@ -418,7 +456,13 @@ def iterate_batches(
         prefetch=prefetch,
         with_ids=with_ids,
         verify=verify,
+        data_format=data_format,
+        features=features,
     )
+    if data_format == "tfds":
+        from mtl_sparse_jax.data import tfds_source  # noqa: PLC0415
+
+        return tfds_source.numpy_batches(ds, data_dir, split)
     return _numpy_batches(ds, data_dir, split)
 
 

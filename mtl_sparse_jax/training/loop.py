@@ -106,6 +106,8 @@ def shard_batches(config, spec: StepSpec, seed: int) -> Batches:
             depth_norm=data.depth_norm,
             depth_max_m=data.depth_max_m,
             verify=data.verify,
+            data_format=data.format,
+            features=data.features,
         )
 
     return batches
@@ -114,7 +116,9 @@ def shard_batches(config, spec: StepSpec, seed: int) -> Batches:
 def _steps_per_epoch(config, spec: StepSpec, local_batch: int, process_count: int) -> int:
     from mtl_sparse_jax.data import pipeline
 
-    steps = pipeline.steps_per_epoch(config.data.dir, "train", local_batch, train=True, process_count=process_count)
+    steps = pipeline.steps_per_epoch(
+        config.data.dir, "train", local_batch, train=True, process_count=process_count, data_format=config.data.format
+    )
     if config.steps_per_epoch:
         steps = min(steps, config.steps_per_epoch)
     if steps == 0:
@@ -320,9 +324,14 @@ def evaluate_trial(
 
 
 def load_data_manifest(config) -> dict:
-    """The dataset's manifest, checked as `data.verify` says (one-line DataError when missing or corrupt)."""
+    """The dataset's manifest, checked as `data.verify` says (one-line DataError when missing or corrupt); for
+    data.format='tfds' the same facts (image size, features, splits) read from the tfds metadata."""
     from mtl_sparse_jax.data import spec as data_spec
 
+    if config.data.format == "tfds":
+        from mtl_sparse_jax.data import tfds_source
+
+        return tfds_source.describe(config.data.dir, config.data.features)
     return data_spec.load_manifest(config.data.dir, verify=config.data.verify)
 
 
