@@ -134,7 +134,7 @@ def test_run_from_trained_workdir(tmp_path):
 def test_imports_without_tensorflow():
     code = (
         "import sys; sys.modules['tensorflow'] = None\n"
-        "import mtl_sparse_jax.benchmark, mtl_sparse_jax.compaction, mtl_sparse_jax.train\n"
+        "import mtl_sparse_jax.benchmark, mtl_sparse_jax.compaction, mtl_sparse_jax.training\n"
         "assert 'tensorflow' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     proc = subprocess.run(
