@@ -144,6 +144,15 @@ def test_nyu_missing_split_list_and_task_folder(nyu_copy):
     assert snapshot(out) == before
 
 
+def test_nyu_duplicate_id_in_a_split_list(nyu_copy):
+    src, out, before = nyu_copy
+    split_list = os.path.join(src, "gt_sets", "test.txt")
+    with open(split_list, "a") as f:
+        f.write("e\n")
+    assert_one_line_error(run_cli("data_prep.nyu", *nyu_args(src, out)), split_list, "'e' appears twice")
+    assert snapshot(out) == before
+
+
 def test_nyu_bad_example_in_a_reconversion_keeps_the_previous_dataset(nyu_copy):
     """The example fails after TensorFlow is up (not the split's first), in a reconversion into a good --out."""
     src, out, before = nyu_copy
@@ -257,13 +266,15 @@ def test_interrupt_and_sigkill_during_a_conversion_then_rerun_equals_a_clean_one
     process.kill()
     process.communicate(timeout=60)
     assert snapshot(out) == before  # also proves the kill came before the commit
+    staging = os.path.join(out, ".staging")
+    staged = {n: os.stat(os.path.join(staging, n)).st_ino for n in os.listdir(staging) if n.endswith(".tfrecord")}
 
-    result = run_cli("data_prep.nyu", *args)
-    assert result.returncode == 0, result.stderr
+    nyu.convert(src, out, size=96, shard_size=1, workers=0, log=QUIET)  # the rerun resumes
     clean = str(tmp_path / "clean")
     nyu.convert(src, clean, size=96, shard_size=1, workers=0, log=QUIET)
     assert snapshot(out)["splits"] == snapshot(clean)["splits"]
-    assert not os.path.exists(os.path.join(out, ".staging"))
+    assert {n: os.stat(os.path.join(out, n)).st_ino for n in staged} == staged  # moved in, not rebuilt
+    assert not os.path.exists(staging)
     # The shards of the earlier dataset that the new one does not list are gone.
     assert "test-00000-of-00001.tfrecord" not in os.listdir(out)
 
@@ -272,18 +283,32 @@ def test_interrupt_and_sigkill_during_a_conversion_then_rerun_equals_a_clean_one
 def test_workers_die_with_a_killed_parent(tmp_path):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     _many_examples_src(src, 60)
-    process = start_cli("data_prep.nyu", "--src", src, "--out", out, "--size", 96, "--shard-size", 1, "--workers", 2)
+    args = ["--src", src, "--out", out, "--size", 96, "--shard-size", 1, "--workers", 2]
+    environment = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    # Output to a file, not a pipe: orphaned workers would hold a pipe open.
+    with open(tmp_path / "log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "data_prep.nyu", *map(str, args)],
+            env=dict(environment, PYTHONPATH=REPO),
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+        )
+    children = []
     try:
         _wait_for(lambda: len(_staged_shards(out)) >= 2, 180, "shards written by the workers")
         children = _children(process.pid)
         assert len(children) >= 2, children  # two workers (and the resource tracker)
     finally:
         process.kill()
-        process.communicate(timeout=60)
+        process.wait(timeout=60)
     deadline = time.monotonic() + 10.0
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not [pid for pid in children if _alive(pid)], "worker processes outlived their parent"
+    survivors = [pid for pid in children if _alive(pid)]
+    for pid in survivors:  # do not leave them running when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "worker processes outlived their parent"
     written = _staged_shards(out)
     time.sleep(1.0)
     assert _staged_shards(out) == written  # nobody writes shards any more
@@ -348,8 +373,7 @@ def test_celeba_corrupt_part_mask_keeps_the_previous_dataset(celeba_good, tmp_pa
     shutil.copytree(celeba_good[0], src)
     shutil.copytree(celeba_good[1], out)
     before = snapshot(out)
-    # The victim is the 2nd train example, so that it fails after TensorFlow is imported.
-    victim = celeba.random_split(celeba.parse_attribute_file(os.path.join(src, celeba.ATTRIBUTE_FILE)), 0)["train"][1]
+    victim = celeba.random_split(celeba.parse_attribute_file(os.path.join(src, celeba.ATTRIBUTE_FILE)), 0)["train"][0]
     path = celeba.part_mask_path(src, victim, "skin")
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n truncated")
