@@ -249,3 +249,38 @@ def test_worker_processes_write_the_same_shards_as_one_process(tmp_path):
     single = write(str(tmp_path / "one"), keys(10))
     parallel = write(str(tmp_path / "many"), keys(10), num_workers=2)
     assert parallel["shards"] == single["shards"]
+
+
+def test_a_failed_rewrite_keeps_the_old_dataset_and_a_commit_cut_short_is_completed(tmp_path, monkeypatch):
+    out, clean = str(tmp_path / "out"), str(tmp_path / "clean")
+    write(out, keys(9, prefix="old"))
+    old = data_spec.load_manifest(out, verify="sha256")
+    import functools
+
+    with pytest.raises(shards.BadExampleError, match="k-006"):
+        write(out, keys(9), functools.partial(make_example, broken="006:nan_depth"))
+    assert data_spec.load_manifest(out, verify="sha256") == old  # the old shards were not touched
+
+    # A crash after the first staged shard was moved in: no manifest, so no reader takes the mix.
+    real_replace, moved = os.replace, []
+
+    def crash_after_one_shard(src, dst):
+        if src.endswith(".tfrecord") and os.sep + shards.STAGING_DIR + os.sep in src:
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(shards.os, "replace", crash_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        write(out, keys(9))
+    monkeypatch.setattr(shards.os, "replace", real_replace)
+    with pytest.raises(DataError, match="manifest.json not found"):
+        data_spec.load_manifest(out)
+
+    write(out, keys(9))
+    write(clean, keys(9))
+    assert data_spec.load_manifest(out, verify="sha256")["splits"] == data_spec.load_manifest(clean)["splits"]
+    assert sorted(n for n in os.listdir(out) if n.endswith(".tfrecord")) == sorted(
+        n for n in os.listdir(clean) if n.endswith(".tfrecord")
+    )
