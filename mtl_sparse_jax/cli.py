@@ -23,8 +23,10 @@ module that defines them), and `quiet_tensorflow()` sets TensorFlow's log switch
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
+import re
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -36,6 +38,10 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
 _DEBUG_TRUE = ("1", "true", "yes", "on")
+
+
+class FlagError(ValueError):
+    """A command-line flag or config override cannot be parsed; the message names the flag and the fix."""
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
@@ -91,8 +97,17 @@ def _defined_in(exc: BaseException, *packages: str) -> bool:
     return False
 
 
+_ERRNO_IN_MESSAGE = re.compile(r"\[Errno (\d+)\] ([^:\]]+): '([^']+)'")
+
+
 def _os_error_line(exc: OSError) -> str:
     name = exc.filename if exc.filename is not None else None
+    if exc.errno is None and name is None:
+        # Some libraries (ml_collections' config loader) wrap an OSError into a message of several lines.
+        found = _ERRNO_IN_MESSAGE.search(str(exc))
+        if found:
+            code, reason, name = int(found.group(1)), found.group(2), found.group(3)
+            return _os_error_line(OSError(code, reason, name))
     where = f"{name}: " if name else ""
     if exc.filename2 is not None:
         where = f"{exc.filename} -> {exc.filename2}: "
@@ -149,6 +164,11 @@ def describe(exc: BaseException) -> tuple[str, int]:
             f"from another model; rerun with {DEBUG_FLAG} for the details",
             EXIT_BAD_INPUT,
         )
+    if isinstance(exc, SyntaxError) and exc.filename and not exc.filename.startswith("<"):
+        where = f"{exc.filename}:{exc.lineno}" if exc.lineno else exc.filename
+        return f"{where}: syntax error: {exc.msg}; fix the file", EXIT_BAD_INPUT
+    if _defined_in(exc, "absl.flags"):
+        return f"{_first_line(str(exc))}; run with --helpfull to list the flags", EXIT_BAD_INPUT
     if isinstance(exc, ValueError):  # ConfigError, DataError, BadExampleError and our own checks
         return _first_line(str(exc)) or type(exc).__name__, EXIT_BAD_INPUT
     return (
@@ -185,6 +205,57 @@ def run(main_fn: Callable[[list[str]], int | None], argv: Sequence[str] | None =
     except BaseException as exc:  # noqa: BLE001  (the boundary: everything becomes one line)
         return report(exc, debug=debug)
     return 0 if code is None else int(code)
+
+
+def _flag_error(exc: BaseException, args: Sequence[str]) -> BaseException:
+    """What a failure while parsing `args` becomes: unknown config keys (ml_collections raises AttributeError or
+    KeyError for `--config.a.b=v` with no field `b`) name the flag; everything else keeps its own line."""
+    if isinstance(exc, (AttributeError, KeyError)) and exc.args:
+        text = str(exc.args[0]).strip()
+        for _ in range(2):  # a KeyError's message arrives as repr(repr(...)) through ml_collections
+            if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+                try:
+                    text = str(ast.literal_eval(text)).strip()
+                except (ValueError, SyntaxError):
+                    break
+        lines = text.splitlines()
+        key = lines[0].strip("'\" ") if lines else ""
+        flag = next((a for a in args if re.search(rf"[.]{re.escape(key)}([.=]|$)", a.split("=", 1)[0] + "=")), None)
+        if key and flag:
+            hint = next((line.strip() for line in lines[1:] if line.strip()), "")
+            hint = f" ({hint})" if hint else ""
+            return FlagError(
+                f"{flag}: unknown config key '{key}'{hint}; configs/default.py lists every key, --helpfull every flag"
+            )
+    return exc
+
+
+def run_absl(main_fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """`run` for absl command lines: `sys.exit(cli.run_absl(main))` in place of `absl.app.run(main)`.
+
+    The flags are parsed inside the boundary (absl's own parser would print two lines and exit 1, and a bad
+    `--config.a.b=v` override or config file would end in a traceback), then `main_fn` runs under absl as
+    usual: it gets the remaining arguments with the program name first.
+    """
+
+    def body(args: list[str]) -> None:
+        from absl import app, flags  # noqa: PLC0415
+
+        def parse(full_argv: list[str]) -> list[str]:
+            try:
+                remaining = flags.FLAGS(full_argv)
+                for name in list(flags.FLAGS):
+                    flags.FLAGS[name].value  # noqa: B018  (config files and overrides are applied lazily)
+                return remaining
+            except Exception as exc:  # noqa: BLE001
+                error = _flag_error(exc, args)
+                if error is exc:
+                    raise
+                raise error from exc
+
+        app.run(main_fn, argv=[sys.argv[0], *args], flags_parser=parse)
+
+    return run(body, argv)
 
 
 def entry_point(main_fn: Callable[[list[str]], int | None]) -> Callable[[Sequence[str] | None], int]:

@@ -114,3 +114,55 @@ def test_importing_the_boundary_imports_nothing_heavy():
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+ABSL_MAIN = """
+import sys
+from absl import flags
+from ml_collections import config_flags
+from mtl_sparse_jax import cli
+config_flags.DEFINE_config_file("config", None, "a config file", lock_config=True)
+flags.DEFINE_bool("debug", False, cli.DEBUG_HELP)
+def main(argv):
+    print("lam", flags.FLAGS.config.sparsity.lam)
+if __name__ == "__main__":
+    sys.exit(cli.run_absl(main))
+"""
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--config", "configs/demo.py", "--config.sparsity.lamda=1"], ["--config.sparsity.lamda=1", "'lamda'", "lam"]),
+        (["--config", "configs/demo.py", "--config.nosuch.x=1"], ["--config.nosuch.x=1", "'nosuch'"]),
+        (["--config", "configs/demo.py", "--config.sparsity.lam=abc"], ["sparsity.lam", "abc", "--helpfull"]),
+        (["--config", "configs/demo.py", "--workdri=x"], ["workdri", "--helpfull"]),
+        (["--config", "BROKEN"], ["broken.py:1: syntax error"]),
+        (["--config", "MISSING"], ["missing.py: no such file"]),
+    ],
+)
+def test_absl_flag_and_config_errors_are_one_line(tmp_path, args, fragments):
+    script = tmp_path / "absl_main.py"
+    script.write_text(ABSL_MAIN)
+    (tmp_path / "broken.py").write_text("def get_config(:\n")
+    args = [
+        str(tmp_path / "broken.py") if a == "BROKEN" else str(tmp_path / "missing.py") if a == "MISSING" else a
+        for a in args
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    result = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, cwd=root)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], result.stderr
+
+
+def test_absl_main_runs_with_good_flags(tmp_path):
+    script = tmp_path / "absl_main.py"
+    script.write_text(ABSL_MAIN)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    args = ["--config", "configs/demo.py", "--config.sparsity.lam=0.5"]
+    result = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0 and result.stdout.strip() == "lam 0.5", result.stderr
