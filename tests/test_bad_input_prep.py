@@ -54,6 +54,8 @@ def start_cli(module, *args):
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        # A CI runner may start the tests with SIGINT ignored, which the child would inherit.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
