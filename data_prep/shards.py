@@ -270,29 +270,50 @@ def _remove_stale_files(staging_dir: str, out_dir: str, split: str, planned: set
 # --------------------------------------------------------------------------------------------------
 
 
-def source_digest(paths: Sequence[str]) -> str:
+class _SourceStats:
+    """One line per source file (path, size, mtime in ns, or 'missing'), with each directory listed once, so
+    that the many optional files that do not exist (CelebA's absent part masks) cost no failed stat."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, set[str]] = {}
+
+    def line(self, path: str) -> str:
+        path = os.path.abspath(os.fspath(path))
+        directory, name = os.path.split(path)
+        names = self._names.get(directory)
+        if names is None:
+            try:
+                names = set(os.listdir(directory))
+            except OSError:  # missing, not a directory, unreadable: then its files are missing too
+                names = set()
+            self._names[directory] = names
+        if name in names:
+            try:
+                st = os.stat(path)
+                return f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            except OSError:
+                pass
+        return f"{path}\0missing\n"
+
+
+def source_digest(paths: Sequence[str], stats: _SourceStats | None = None) -> str:
     """sha256 over (absolute path, size, mtime in ns) of each file, or its absence, in the given order.
 
-    Cheap (one stat per file) and enough to notice a fixed, replaced, restored or deleted file, or another
-    --src. A file rewritten with the same size within the file system's timestamp granularity is not
-    noticed; `--overwrite`-style options (synthetic --force) rebuild everything.
+    Cheap (one stat per existing file) and enough to notice a fixed, replaced, restored or deleted file, or
+    another --src. A file rewritten with the same size within the file system's timestamp granularity is not
+    noticed; `overwrite=True` (synthetic --force) rebuilds everything.
     """
+    stats = stats or _SourceStats()
     digest = hashlib.sha256()
     for path in paths:
-        path = os.path.abspath(os.fspath(path))
-        try:
-            st = os.stat(path)
-            entry = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n"
-        except FileNotFoundError:
-            entry = f"{path}\0missing\n"
-        digest.update(entry.encode("utf-8", "surrogateescape"))
+        digest.update(stats.line(path).encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
-def _shard_source(keys: Sequence[str], source_files: Callable[[str], Sequence[str]] | None) -> str | None:
+def _shard_source(keys: Sequence[str], source_files: Callable[[str], Sequence[str]] | None, stats=None) -> str | None:
     if source_files is None:
         return None
-    return source_digest([path for key in keys for path in source_files(key)])
+    return source_digest([path for key in keys for path in source_files(key)], stats)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,6 +425,7 @@ def write_split(
         "num_classes": dict(num_classes or {}),
     }
     num_shards = -(-len(keys) // shard_size)
+    stats = _SourceStats()
     jobs = []
     for index in range(num_shards):
         shard_keys = keys[index * shard_size : (index + 1) * shard_size]
@@ -418,7 +440,7 @@ def write_split(
                 "features": features,
                 "skip_bad": bool(skip_bad),
                 "fingerprint": fingerprint,
-                "source": _shard_source(shard_keys, source_files),
+                "source": _shard_source(shard_keys, source_files, stats),
             }
         )
     _remove_stale_files(staging, out_dir, split, {job["file"] for job in jobs})
