@@ -2,12 +2,14 @@
 
     from mtl_sparse_jax import cli
 
-    def main(argv=None) -> int:
+    def main(argv=None) -> int:          # argparse command lines (data_prep.*)
+        return cli.run(_main, argv)
+
+    def _main(argv) -> int:
         parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
         ...
 
-    if __name__ == "__main__":
-        sys.exit(cli.run(main))
+    sys.exit(cli.run_absl(main))         # absl command lines, in place of app.run(main)
 
 `run(main_fn, argv)` calls `main_fn(argv)` and turns what it raises into a single line on stderr that names the
 file or key and the fix (`describe`): our own errors (`ConfigError`, `DataError`, `BadExampleError` and the plain
