@@ -31,6 +31,7 @@ from PIL import Image
 from data_prep import raw_io
 from data_prep.raw_io import BadExampleError
 from data_prep.resize import resize_image_uint8, resize_nearest
+from mtl_sparse_jax import cli
 
 IMAGE_DIR = "CelebA-HQ-img"
 PARTS_DIR = "CelebAMask-HQ-mask-anno"
@@ -311,6 +312,17 @@ def celeba_example(key: str, *, src: str, size: int, attribute_file: str, mask_s
     return example
 
 
+def celeba_files(key: str, *, src: str, attribute_file: str, mask_source: str = "parts") -> list[str]:
+    """The files `celeba_example` reads for `key`, absent part masks included (for the source fingerprint)."""
+    number = int(key)
+    paths = [os.path.join(src, IMAGE_DIR, f"{number}.jpg"), attribute_file]
+    if mask_source == "npy":
+        paths.append(segmask_path(src, number))
+    else:
+        paths.extend(part_mask_path(src, number, part) for part in PART_ORDER)
+    return paths
+
+
 # --------------------------------------------------------------------------------------------------------- driver
 
 
@@ -329,10 +341,13 @@ def convert(
     log=print,
 ) -> str:
     """Convert a CelebAMask-HQ folder into shards + manifest under `out`; return the manifest path."""
-    from data_prep.shards import write_manifest, write_split
+    from data_prep.shards import prepare_out_dir, write_manifest, write_split
 
     if mask_source not in MASK_SOURCES:
         raise ValueError(f"--mask-source must be one of {MASK_SOURCES}, got {mask_source!r}")
+    if not os.path.isdir(src):
+        what = "is not a directory" if os.path.exists(src) else "does not exist"
+        raise ValueError(f"{src}: the source directory {what}; pass --src DIR, the CelebAMask-HQ folder")
     if not os.path.isdir(os.path.join(src, IMAGE_DIR)):
         raise ValueError(f"{os.path.join(src, IMAGE_DIR)}: not found; --src must be the CelebAMask-HQ folder")
     if mask_source == "auto":
@@ -354,7 +369,10 @@ def convert(
     build = functools.partial(
         celeba_example, src=os.path.abspath(src), size=size, attribute_file=attribute_file, mask_source=mask_source
     )
-    os.makedirs(out, exist_ok=True)
+    source_files = functools.partial(
+        celeba_files, src=os.path.abspath(src), attribute_file=attribute_file, mask_source=mask_source
+    )
+    prepare_out_dir(out)
     num_classes = {"seg": NUM_SEG_CLASSES}
     entries = {}
     for split in SPLITS:
@@ -370,6 +388,7 @@ def convert(
                 image_size=(size, size),
                 num_classes=num_classes,
                 desc=f"celeba {split}",
+                source_files=source_files,
             )
             raw_io.report_skipped(entries[split], split, log)
     extra = {
@@ -397,6 +416,11 @@ def convert(
 
 
 def main(argv=None) -> int:
+    """The command line; every error ends as one `error:` line and exit code 2 (see mtl_sparse_jax.cli)."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.celeba", description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="the CelebAMask-HQ folder")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
@@ -417,23 +441,20 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-size", type=int, default=256, help="examples per shard")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--skip-bad", action="store_true", help="skip and report bad examples instead of stopping")
+    parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
     args = parser.parse_args(argv)
-    try:
-        path = convert(
-            args.src,
-            args.out,
-            split_json=args.split_json,
-            seed=args.seed,
-            size=args.size,
-            use_reference_subset=args.reference_subset,
-            mask_source=args.mask_source,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            skip_bad=args.skip_bad,
-        )
-    except (ValueError, OSError) as err:  # BadExampleError is a ValueError; one line that names the file
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    path = convert(
+        args.src,
+        args.out,
+        split_json=args.split_json,
+        seed=args.seed,
+        size=args.size,
+        use_reference_subset=args.reference_subset,
+        mask_source=args.mask_source,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+    )
     print(f"[celeba] wrote {path}")
     return 0
 

@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from mtl_sparse_jax import cli
 from mtl_sparse_jax.data import spec as data_spec
 
 
@@ -115,6 +116,11 @@ def save_contact_sheet(path: str, example: dict[str, np.ndarray], title: str = "
 
 
 def main(argv=None) -> int:
+    """The command line; every error ends as one `error:` line and exit code 2 (see mtl_sparse_jax.cli)."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="converted dataset folder (holds manifest.json)")
     parser.add_argument("--split", required=True)
@@ -124,18 +130,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", help="comma-separated tasks (default: every task the dataset has)")
     parser.add_argument("--depth-norm", default="reference", help="reference | fixed | none (as in training)")
     parser.add_argument("--depth-max-m", type=float, default=10.0, help="metres per unit for --depth-norm fixed")
+    parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    try:
-        example = load_example(
-            args.data, args.split, args.index, tasks=tasks, depth_norm=args.depth_norm, depth_max_m=args.depth_max_m
-        )
-        save_npz(args.out, example)
-        if args.png:
-            save_contact_sheet(args.png, example, title=f"{args.split}[{args.index}] id={example['id']}")
-    except (ValueError, OSError) as err:  # DataError is a ValueError; one line that names the file
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    example = load_example(
+        args.data, args.split, args.index, tasks=tasks, depth_norm=args.depth_norm, depth_max_m=args.depth_max_m
+    )
+    save_npz(args.out, example)
+    if args.png:
+        save_contact_sheet(args.png, example, title=f"{args.split}[{args.index}] id={example['id']}")
     shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in example.items() if k != "id")
     print(f"[inspect] {args.out}: id {example['id']}: {shapes}")
     return 0

@@ -30,6 +30,7 @@ import numpy as np
 from data_prep import raw_io
 from data_prep.raw_io import BadExampleError
 from data_prep.resize import resize_bilinear, resize_image_uint8, resize_nearest
+from mtl_sparse_jax import cli
 
 LAYOUTS = ("nyud_mt", "mat", "mtan")
 SPLITS = ("train", "val", "test")
@@ -181,6 +182,20 @@ def nyud_mt_example(example_id: str, *, src: str, size: int, tasks=ALL_TASKS) ->
     return resize_example(example, size)
 
 
+def nyud_mt_files(example_id: str, *, src: str, tasks=ALL_TASKS) -> list[str]:
+    """The files `nyud_mt_example` reads for `example_id` (for the shard writer's source fingerprint)."""
+    paths = [os.path.join(src, "images", f"{example_id}.jpg")]
+    for task, folder, ext in (
+        ("seg", "segmentation", "png"),
+        ("depth", "depth", "npy"),
+        ("normals", "normals", "npy"),
+        ("edge", "edge", "npy"),
+    ):
+        if task in tasks:
+            paths.append(os.path.join(src, folder, f"{example_id}.{ext}"))
+    return paths
+
+
 # --------------------------------------------------------------------------------------------------------- mtan
 
 
@@ -240,6 +255,16 @@ def mtan_example(key: str, *, src: str, size: int, tasks=LAYOUT_TASKS["mtan"]) -
         raw_io.require_finite(normals, path, "normal")
         example["normals"] = normals.astype(np.float32)
     return resize_example(example, size)
+
+
+def mtan_files(key: str, *, src: str, tasks=LAYOUT_TASKS["mtan"]) -> list[str]:
+    """The files `mtan_example` reads for `key` (for the shard writer's source fingerprint)."""
+    folder, index = key.split("/")
+    paths = [os.path.join(src, folder, "image", f"{index}.npy")]
+    for task, name in (("seg", "label"), ("depth", "depth"), ("normals", "normal")):
+        if task in tasks:
+            paths.append(os.path.join(src, folder, name, f"{index}.npy"))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------------- mat
@@ -404,6 +429,11 @@ def mat_example(key: str, *, mat_path: str, mapping: np.ndarray, size: int, task
     return resize_example(example, size)
 
 
+def mat_files(key: str, *, mat_path: str, mapping_path: str | None) -> list[str]:
+    """The files `mat_example` reads (the .mat and the class mapping), for the source fingerprint."""
+    return [mat_path] + ([mapping_path] if mapping_path else [])
+
+
 def _find_first(src: str, names) -> str | None:
     for name in names:
         path = os.path.join(src, name)
@@ -470,8 +500,11 @@ def convert(
     log=print,
 ) -> str:
     """Convert one NYU-v2 source folder into shards + manifest under `out`; return the manifest path."""
-    from data_prep.shards import write_manifest, write_split
+    from data_prep.shards import prepare_out_dir, write_manifest, write_split
 
+    if not os.path.isdir(src):
+        what = "is not a directory" if os.path.exists(src) else "does not exist"
+        raise ValueError(f"{src}: the source directory {what}; pass --src DIR, the folder holding the raw NYU-v2 data")
     layout = layout or detect_layout(src)
     if layout not in LAYOUTS:
         raise ValueError(f"--layout must be one of {LAYOUTS}, got {layout!r}")
@@ -490,9 +523,11 @@ def convert(
                     f"leave the task out with --tasks"
                 )
         build = functools.partial(nyud_mt_example, src=src, size=size, tasks=tasks)
+        source_files = functools.partial(nyud_mt_files, src=src, tasks=tasks)
     elif layout == "mtan":
         splits = read_mtan_splits(src)
         build = functools.partial(mtan_example, src=src, size=size, tasks=tasks)
+        source_files = functools.partial(mtan_files, src=src, tasks=tasks)
         extra["split_note"] = "MTAN/LibMTL folder 'val' (standard 654-image test set) written as split 'test'"
     else:
         mat = mat or os.path.join(src, MAT_FILE_NAME)
@@ -515,6 +550,11 @@ def convert(
         if too_big:
             raise ValueError(f"{split_file}: index {too_big[0]} exceeds the {num_images} images of {mat}")
         build = functools.partial(mat_example, mat_path=os.path.abspath(mat), mapping=table, size=size, tasks=tasks)
+        source_files = functools.partial(
+            mat_files,
+            mat_path=os.path.abspath(mat),
+            mapping_path=os.path.abspath(mapping) if "seg" in tasks else None,
+        )
         extra.update(
             normals="computed from depth: back-projection with NYU Kinect intrinsics, central differences",
             intrinsics=NYU_KINECT_INTRINSICS,
@@ -526,7 +566,7 @@ def convert(
             f"[nyu] the source has no val split (splits: {sorted(splits)}); pass --val-from-train 0.1 to carve one "
             "from train for early stopping"
         )
-    os.makedirs(out, exist_ok=True)
+    prepare_out_dir(out)
     num_classes = {"seg": LAYOUT_NUM_CLASSES[layout]} if "seg" in tasks else {}
     entries = {}
     for split in SPLITS:
@@ -542,6 +582,7 @@ def convert(
                 image_size=(size, size),
                 num_classes=num_classes,
                 desc=f"nyu {split}",
+                source_files=source_files,
             )
             raw_io.report_skipped(entries[split], split, log)
     features = ("image",) + tasks
@@ -562,6 +603,11 @@ def convert(
 
 
 def main(argv=None) -> int:
+    """The command line; every error ends as one `error:` line and exit code 2 (see mtl_sparse_jax.cli)."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.nyu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="folder holding the raw dataset")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
@@ -581,27 +627,24 @@ def main(argv=None) -> int:
     parser.add_argument("--mat", help=f"mat layout: path of {MAT_FILE_NAME} (default: in --src)")
     parser.add_argument("--mapping", help="mat layout: 894->40 mapping (classMapping40.mat / .npy / .txt / .json)")
     parser.add_argument("--split-file", help="mat layout: splits.mat (trainNdxs/testNdxs, 1-based) or .json")
+    parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
     args = parser.parse_args(argv)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None
-    try:
-        path = convert(
-            args.src,
-            args.out,
-            layout=args.layout,
-            size=args.size,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            skip_bad=args.skip_bad,
-            tasks=tasks,
-            val_from_train=args.val_from_train,
-            seed=args.seed,
-            mat=args.mat,
-            mapping=args.mapping,
-            split_file=args.split_file,
-        )
-    except (ValueError, OSError) as err:  # BadExampleError is a ValueError; one line that names the file
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    path = convert(
+        args.src,
+        args.out,
+        layout=args.layout,
+        size=args.size,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+        tasks=tasks,
+        val_from_train=args.val_from_train,
+        seed=args.seed,
+        mat=args.mat,
+        mapping=args.mapping,
+        split_file=args.split_file,
+    )
     print(f"[nyu] wrote {path}")
     return 0
 

@@ -31,6 +31,7 @@ import sys
 import numpy as np
 
 from data_prep import shards
+from mtl_sparse_jax import cli
 from mtl_sparse_jax.data import spec as data_spec
 
 CLASS_NAMES = ("wall", "floor", "ceiling", "sphere", "box", "panel")
@@ -277,6 +278,8 @@ def generate(
         "counts": counts,
         "shard_size": shard_size,
     }
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: exists and is not a directory; pass a new or existing directory as --out")
     manifest_path = os.path.join(out_dir, data_spec.MANIFEST_NAME)
     if not force and os.path.isfile(manifest_path):
         try:
@@ -330,6 +333,11 @@ def generate(
 
 
 def main(argv=None) -> int:
+    """The command line; every error ends as one `error:` line and exit code 2 (see mtl_sparse_jax.cli)."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory (created; an interrupted run resumes)")
     parser.add_argument("--num-train", type=int, default=768)
@@ -346,23 +354,20 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-size", type=int, default=256, help="examples per shard")
     parser.add_argument("--num-workers", type=int, default=0, help="worker processes (0: this process)")
     parser.add_argument("--force", action="store_true", help="rewrite every shard")
+    parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
     args = parser.parse_args(argv)
-    try:
-        path = generate(
-            args.out,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            num_test=args.num_test,
-            image_size=args.size,
-            seed=args.seed,
-            num_classes=args.num_classes,
-            shard_size=args.shard_size,
-            num_workers=args.num_workers,
-            force=args.force,
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = generate(
+        args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        num_test=args.num_test,
+        image_size=args.size,
+        seed=args.seed,
+        num_classes=args.num_classes,
+        shard_size=args.shard_size,
+        num_workers=args.num_workers,
+        force=args.force,
+    )
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
     counts = {split: entry["num_examples"] for split, entry in manifest["splits"].items()}

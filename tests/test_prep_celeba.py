@@ -337,7 +337,7 @@ def test_bad_examples_name_the_file_and_skip_bad_reports(tmp_path, capsys):
     with pytest.raises(BadExampleError, match="no part mask"):
         celeba.celeba_example(str(numbers[3]), **kwargs)
 
-    assert celeba.main(cli) == 1
+    assert celeba.main(cli) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and f"{numbers[1]:05d}_" in err[0]
     assert celeba.main(cli + ["--skip-bad"]) == 0

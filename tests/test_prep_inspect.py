@@ -95,7 +95,7 @@ def test_npz_equals_the_pipelines_own_batch(data_dir):
 
 def test_out_of_range_index_is_one_line_error(data_dir, tmp_path, capsys):
     assert (
-        prep_inspect.main(["--data", data_dir, "--split", "val", "--index", "5", "--out", str(tmp_path / "x.npz")]) == 1
+        prep_inspect.main(["--data", data_dir, "--split", "val", "--index", "5", "--out", str(tmp_path / "x.npz")]) == 2
     )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "has 5 examples" in err and not os.path.exists(tmp_path / "x.npz")

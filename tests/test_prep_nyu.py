@@ -235,7 +235,7 @@ def test_cli_stops_with_one_line_or_skips_and_reports(tmp_path, capsys):
     root, out = str(tmp_path / "src"), str(tmp_path / "out")
     make_nyud_mt(root, {"train": ["a", "b", "c"]})
     path = _break(root, "b", "nan")
-    assert nyu.main(["--src", root, "--out", out, "--size", str(SIZE), "--workers", "0"]) == 1
+    assert nyu.main(["--src", root, "--out", out, "--size", str(SIZE), "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and path in err[0] and err[0].startswith("error:")
     assert not os.path.exists(os.path.join(out, "manifest.json"))
@@ -257,9 +257,10 @@ def test_killed_conversion_resumes_to_identical_shards(tmp_path):
     _break(root, "t4", "missing")
     with pytest.raises(BadExampleError, match="t4.npy"):
         nyu.convert(root, out, size=SIZE, shard_size=2, workers=0, log=lambda *_: None)
-    first = sorted(f for f in os.listdir(out) if f.endswith(".tfrecord"))
+    staging = os.path.join(out, ".staging")  # finished shards wait there until the manifest is written
+    first = sorted(f for f in os.listdir(staging) if f.endswith(".tfrecord"))
     assert first == ["train-00000-of-00004.tfrecord", "train-00001-of-00004.tfrecord"]
-    mtimes = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in first}
+    mtimes = {f: os.stat(os.path.join(staging, f)).st_mtime_ns for f in first}
     np.save(good, saved)
     nyu.convert(root, out, size=SIZE, shard_size=2, workers=0, log=lambda *_: None)
     nyu.convert(root, clean_out, size=SIZE, shard_size=2, workers=0, log=lambda *_: None)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -146,27 +145,29 @@ KILLED_WRITER = textwrap.dedent("""
 def test_resume_after_kill_keeps_finished_shards_and_gives_identical_output(tmp_path):
     reference_dir, resumed_dir = str(tmp_path / "reference"), str(tmp_path / "resumed")
     write(reference_dir, keys(11))
-    os.makedirs(resumed_dir)
-    # A finished manifest from an earlier run must not survive a rewrite that is killed.
-    shutil.copy(os.path.join(reference_dir, "manifest.json"), resumed_dir)
+    # The directory already holds another finished dataset, which a killed rewrite must leave readable.
+    write(resumed_dir, keys(11, prefix="old"))
+    old = data_spec.load_manifest(resumed_dir, verify="sha256")
 
     script = KILLED_WRITER.format(tests_dir=os.path.dirname(__file__), out=resumed_dir)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 17, result.stderr
 
-    with pytest.raises(DataError, match="manifest.json"):
-        data_spec.load_manifest(resumed_dir)
-    names = sorted(os.listdir(resumed_dir))
+    assert data_spec.load_manifest(resumed_dir, verify="sha256") == old
+    staging = shards.staging_dir(resumed_dir)
+    names = sorted(os.listdir(staging))
     finished = ["train-00000-of-00003.tfrecord", "train-00001-of-00003.tfrecord"]
     assert [n for n in names if n.endswith(".tfrecord")] == finished
     assert any(n.startswith(".train-00002-of-00003.tfrecord.") for n in names)  # the killed shard's temp file
-    before = {n: file_identity(os.path.join(resumed_dir, n)) for n in finished}
+    before = {n: file_identity(os.path.join(staging, n)) for n in finished}
 
     write(resumed_dir, keys(11))
 
+    # The staged shards were moved in, not rebuilt (a rename keeps the inode and the mtime).
     assert {n: file_identity(os.path.join(resumed_dir, n)) for n in finished} == before
     assert not any(n.endswith(".tmp") for n in os.listdir(resumed_dir))
+    assert not os.path.exists(staging)
     resumed = data_spec.load_manifest(resumed_dir, verify="sha256")
     reference = data_spec.load_manifest(reference_dir, verify="sha256")
     assert resumed["splits"] == reference["splits"]
@@ -248,3 +249,38 @@ def test_worker_processes_write_the_same_shards_as_one_process(tmp_path):
     single = write(str(tmp_path / "one"), keys(10))
     parallel = write(str(tmp_path / "many"), keys(10), num_workers=2)
     assert parallel["shards"] == single["shards"]
+
+
+def test_a_failed_rewrite_keeps_the_old_dataset_and_a_commit_cut_short_is_completed(tmp_path, monkeypatch):
+    out, clean = str(tmp_path / "out"), str(tmp_path / "clean")
+    write(out, keys(9, prefix="old"))
+    old = data_spec.load_manifest(out, verify="sha256")
+    import functools
+
+    with pytest.raises(shards.BadExampleError, match="k-006"):
+        write(out, keys(9), functools.partial(make_example, broken="006:nan_depth"))
+    assert data_spec.load_manifest(out, verify="sha256") == old  # the old shards were not touched
+
+    # A crash after the first staged shard was moved in: no manifest, so no reader takes the mix.
+    real_replace, moved = os.replace, []
+
+    def crash_after_one_shard(src, dst):
+        if src.endswith(".tfrecord") and os.sep + shards.STAGING_DIR + os.sep in src:
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(shards.os, "replace", crash_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        write(out, keys(9))
+    monkeypatch.setattr(shards.os, "replace", real_replace)
+    with pytest.raises(DataError, match="manifest.json not found"):
+        data_spec.load_manifest(out)
+
+    write(out, keys(9))
+    write(clean, keys(9))
+    assert data_spec.load_manifest(out, verify="sha256")["splits"] == data_spec.load_manifest(clean)["splits"]
+    assert sorted(n for n in os.listdir(out) if n.endswith(".tfrecord")) == sorted(
+        n for n in os.listdir(clean) if n.endswith(".tfrecord")
+    )
