@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 
 import numpy as np
 
-from mtl_sparse_jax import cli
+from mtl_sparse_jax import cli, fileio
 from mtl_sparse_jax.data import spec as data_spec
 
 
@@ -61,11 +60,8 @@ def load_example(
 
 
 def save_npz(path: str, example: dict[str, np.ndarray]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **example)
-    os.replace(tmp, path)
+    with fileio.atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **example)
 
 
 def save_contact_sheet(path: str, example: dict[str, np.ndarray], title: str = "") -> None:
@@ -107,12 +103,9 @@ def save_contact_sheet(path: str, example: dict[str, np.ndarray], title: str = "
         ax.set_axis_off()
     fig.suptitle(" ".join(filter(None, [title] + attributes)))
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=80, format="png")
+    with fileio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -39,13 +39,13 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mtl_sparse_jax import fileio
 from mtl_sparse_jax.data import spec as data_spec
 
 STATE_DIR = ".shard_state"
@@ -61,35 +61,13 @@ class BadExampleError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _new_file_mode() -> int:
-    """The mode open() would give a new file (0666 minus the umask); mkstemp alone would give 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to a temp file in the same directory and renames it onto `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # a write error (e.g. disk full) names no file
-            raise OSError(e.errno, e.strerror, path) from e
-        raise
+    """Writes `data` to a temp file in the same directory and renames it onto `path` (`fileio.write_bytes`)."""
+    fileio.write_bytes(path, data)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    fileio.write_json(path, obj, indent=1, sort_keys=True)
 
 
 def _state_path(out_dir: str, shard_file: str) -> str:
@@ -184,11 +162,8 @@ def _write_shard(job: dict) -> dict:
     _hide_gpus_from_tf()
     out_dir, shard_file = job["out_dir"], job["file"]
     final_path = os.path.join(out_dir, shard_file)
-    tmp_path = None
     skipped, count = [], 0
-    try:
-        fd, tmp_path = tempfile.mkstemp(prefix="." + shard_file + ".", suffix=".tmp", dir=out_dir)
-        os.close(fd)
+    with fileio.atomic_path(final_path) as tmp_path:
         with tf.io.TFRecordWriter(tmp_path) as writer:
             for key in job["keys"]:
                 try:
@@ -214,14 +189,6 @@ def _write_shard(job: dict) -> dict:
             "fingerprint": job["fingerprint"],
             "source": job["source"],
         }
-        os.chmod(tmp_path, _new_file_mode())
-        os.replace(tmp_path, final_path)
-    except BaseException as e:
-        if tmp_path is not None and os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        if isinstance(e, OSError) and e.filename is None:  # a write error (e.g. disk full) names no file
-            raise OSError(e.errno, e.strerror, tmp_path or out_dir) from e
-        raise
     # The sidecar goes last: a sidecar on disk means its shard is complete.
     atomic_write_json(_state_path(out_dir, shard_file), state)
     return state

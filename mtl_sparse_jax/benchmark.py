@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_sparse_jax import compaction, config_utils, fileio, models, report, sparsity
+from mtl_sparse_jax import cli, compaction, config_utils, fileio, models, report, sparsity
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_TASKS = (("seg", "deeplab", 40), ("normals", "deeplab", 3), ("depth", "deeplab", 1))
@@ -717,103 +717,105 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=10, help="timed train steps (--train-step)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
-        dtypes = [d for d in args.dtypes.split(",") if d]
-        unknown = [d for d in dtypes if d not in DTYPES]
-        if unknown:
-            raise BenchmarkError(f"--dtypes: unknown {unknown}; use float32 and/or bfloat16")
-        variants = [v for v in args.variants.split(",") if v]
-        if any(v not in ("backbone", "multitask") for v in variants):
-            raise BenchmarkError(f"--variants must be backbone and/or multitask, got {args.variants!r}")
-        if args.repeats < 1:
-            raise BenchmarkError("--repeats must be >= 1")
-        if args.train_step:
-            result = train_step_throughput(
-                task_sets=[("seg",), ("seg", "normals", "depth")],
-                depth=args.depth,
-                width_multiplier=args.width_multiplier,
-                head_width_multiplier=args.head_width_multiplier,
-                size=args.size or 256,
-                batch_size=batch_sizes[0],
-                dtype=dtypes[0],
-                steps=args.steps,
-            )
-            fileio.write_text(os.path.join(args.out, "train_bench.json"), json.dumps(result, indent=1) + "\n")
-            fileio.write_text(os.path.join(args.out, "train_bench.md"), train_markdown(result))
-            print(train_markdown(result))
-            return 0
-        if args.sweep:
-            sparsities = [float(s) for s in args.sweep.split(",") if s]
-            args.size = args.size or 256
-            points = sweep(
-                sparsities,
-                depth=args.depth,
-                width_multiplier=args.width_multiplier,
-                size=args.size,
-                batch_size=batch_sizes[0],
-                dtype=dtypes[0],
-                repeats=args.repeats,
-                seed=args.seed,
-                whole_layer_prob=args.whole_layer_prob,
-            )
-            doc = {
-                "machine": machine_description(),
-                "date": time.strftime("%Y-%m-%d"),
-                "settings": {
-                    "depth": args.depth,
-                    "width_multiplier": args.width_multiplier,
-                    "size": args.size,
-                    "batch_size": batch_sizes[0],
-                    "dtype": dtypes[0],
-                    "repeats": args.repeats,
-                },
-                "points": points,
-            }
-            fileio.write_text(os.path.join(args.out, "sweep.json"), json.dumps(doc, indent=1) + "\n")
-            plot_sweep(
-                points,
-                os.path.join(args.out, "latency_vs_sparsity.png"),
-                f"ResNetD-{args.depth} ×{args.width_multiplier} backbone, {args.size}², batch {batch_sizes[0]}, "
-                f"{dtypes[0]}",
-            )
-            print(json.dumps(points, indent=1))
-            return 0
-        if args.workdir:
-            config = config_utils.load(os.path.join(args.workdir, "config.json"))
-            run_from_workdir(
-                config,
-                args.workdir,
-                out_dir=args.out,
-                batch_sizes=batch_sizes,
-                dtypes=dtypes,
-                repeats=args.repeats,
-                size=args.size,
-            )
-            return 0
-        sparsity_value = 0.6 if args.random_sparsity is None else args.random_sparsity
-        setup = random_setup(
+    """The command line, inside the project's error boundary: bad input is one `error:` line and exit code 2."""
+    return cli.run(_main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        raise BenchmarkError(f"--dtypes: unknown {unknown}; use float32 and/or bfloat16")
+    variants = [v for v in args.variants.split(",") if v]
+    if any(v not in ("backbone", "multitask") for v in variants):
+        raise BenchmarkError(f"--variants must be backbone and/or multitask, got {args.variants!r}")
+    if args.repeats < 1:
+        raise BenchmarkError("--repeats must be >= 1")
+    if args.train_step:
+        result = train_step_throughput(
+            task_sets=[("seg",), ("seg", "normals", "depth")],
             depth=args.depth,
             width_multiplier=args.width_multiplier,
             head_width_multiplier=args.head_width_multiplier,
             size=args.size or 256,
-            sparsity=sparsity_value,
+            batch_size=batch_sizes[0],
+            dtype=dtypes[0],
+            steps=args.steps,
+        )
+        fileio.write_text(os.path.join(args.out, "train_bench.json"), json.dumps(result, indent=1) + "\n")
+        fileio.write_text(os.path.join(args.out, "train_bench.md"), train_markdown(result))
+        print(train_markdown(result))
+        return 0
+    if args.sweep:
+        sparsities = [float(s) for s in args.sweep.split(",") if s]
+        args.size = args.size or 256
+        points = sweep(
+            sparsities,
+            depth=args.depth,
+            width_multiplier=args.width_multiplier,
+            size=args.size,
+            batch_size=batch_sizes[0],
+            dtype=dtypes[0],
+            repeats=args.repeats,
             seed=args.seed,
             whole_layer_prob=args.whole_layer_prob,
         )
-        result = bench_setup(setup, batch_sizes=batch_sizes, dtypes=dtypes, repeats=args.repeats, variants=variants)
-        result["command"] = "python -m mtl_sparse_jax.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_outputs(result, args.out)
-        print(markdown_table(result))
+        doc = {
+            "machine": machine_description(),
+            "date": time.strftime("%Y-%m-%d"),
+            "settings": {
+                "depth": args.depth,
+                "width_multiplier": args.width_multiplier,
+                "size": args.size,
+                "batch_size": batch_sizes[0],
+                "dtype": dtypes[0],
+                "repeats": args.repeats,
+            },
+            "points": points,
+        }
+        fileio.write_text(os.path.join(args.out, "sweep.json"), json.dumps(doc, indent=1) + "\n")
+        plot_sweep(
+            points,
+            os.path.join(args.out, "latency_vs_sparsity.png"),
+            f"ResNetD-{args.depth} ×{args.width_multiplier} backbone, {args.size}², batch {batch_sizes[0]}, "
+            f"{dtypes[0]}",
+        )
+        print(json.dumps(points, indent=1))
         return 0
-    except (BenchmarkError, compaction.CompactionError, config_utils.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.workdir:
+        config = config_utils.load(os.path.join(args.workdir, "config.json"))
+        run_from_workdir(
+            config,
+            args.workdir,
+            out_dir=args.out,
+            batch_sizes=batch_sizes,
+            dtypes=dtypes,
+            repeats=args.repeats,
+            size=args.size,
+        )
+        return 0
+    sparsity_value = 0.6 if args.random_sparsity is None else args.random_sparsity
+    setup = random_setup(
+        depth=args.depth,
+        width_multiplier=args.width_multiplier,
+        head_width_multiplier=args.head_width_multiplier,
+        size=args.size or 256,
+        sparsity=sparsity_value,
+        seed=args.seed,
+        whole_layer_prob=args.whole_layer_prob,
+    )
+    result = bench_setup(setup, batch_sizes=batch_sizes, dtypes=dtypes, repeats=args.repeats, variants=variants)
+    result["command"] = "python -m mtl_sparse_jax.benchmark " + " ".join(argv)
+    write_outputs(result, args.out)
+    print(markdown_table(result))
+    return 0
 
 
 if __name__ == "__main__":

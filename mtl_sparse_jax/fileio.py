@@ -36,9 +36,11 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
         yield tmp
         os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a write error (e.g. disk full) names no file
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 

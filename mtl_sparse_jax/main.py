@@ -8,9 +8,12 @@ python -m mtl_sparse_jax.main --mode bench --workdir runs/nyu
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from mtl_sparse_jax import cli
 
-from absl import app, flags  # noqa: E402
+if not cli.debug_requested():
+    cli.quiet_tensorflow()  # before anything imports TensorFlow
+
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -19,6 +22,7 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "bench"], "train (resumes), eval (test split) or bench.")
+flags.DEFINE_bool("debug", False, cli.DEBUG_HELP)
 
 
 def _fail(message: str) -> None:
@@ -100,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(cli.run_absl(main))
