@@ -160,6 +160,10 @@ def describe(exc: BaseException) -> tuple[str, int]:
             "resume, with fewer --workers if memory is short",
             EXIT_BAD_INPUT,
         )
+    if _defined_in(exc, "orbax", "tensorstore") and ("No space left" in str(exc) or "Disk quota" in str(exc)):
+        return f"{_first_line(str(exc))}: no space left on device (disk full or over quota); {_DISK_FULL_FIX}", (
+            EXIT_BAD_INPUT
+        )
     if _defined_in(exc, "orbax", "tensorstore"):
         return (
             f"checkpoint error ({type(exc).__name__}): {_first_line(str(exc))}; the checkpoint is incomplete or "

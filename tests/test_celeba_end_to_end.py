@@ -15,7 +15,7 @@ def celeba_data(tmp_path_factory):
     from tests import test_prep_celeba as fake
 
     root = str(tmp_path_factory.mktemp("celeba_raw"))
-    fake.make_release(root, numbers=list(range(20)), seed=3)
+    fake.make_release(root, numbers=list(range(24)), seed=3)
     out = str(tmp_path_factory.mktemp("celeba_out"))
     celeba.convert(root, out, size=32, shard_size=8, workers=0, seed=0, log=lambda *_: None)
     return out
@@ -29,8 +29,8 @@ def _tiny_celeba_config(data_dir):
     c.model.depth = 18
     c.model.width_multiplier = 0.0625
     c.model.head_width_multiplier = 0.0625
-    c.batch_size = 4
-    c.eval_batch_size = 4
+    c.batch_size = 8  # the tests run on 8 (fake) devices
+    c.eval_batch_size = 8
     c.num_epochs = 2
     c.steps_per_epoch = 2
     c.num_trials = 1

@@ -332,7 +332,9 @@ def load_data_manifest(config) -> dict:
         from mtl_sparse_jax.data import tfds_source
 
         return tfds_source.describe(config.data.dir, config.data.features)
-    return data_spec.load_manifest(config.data.dir, verify=config.data.verify)
+    manifest = data_spec.load_manifest(config.data.dir, verify=config.data.verify)
+    data_spec.features_for_tasks(manifest, config.tasks, config.data.dir)  # a task the data lacks: now, not later
+    return manifest
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> list[dict]:
