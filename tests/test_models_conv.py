@@ -126,12 +126,12 @@ def test_axis_plan_matches_brute_force_enumeration():
 
 def test_taps_beyond_the_map_are_dropped_rows_and_columns_separately():
     # 3×3 rate 12 on 8×16: every off-centre row tap reads padding (12 ≥ 8), the column taps ±12 reach the map.
-    method, rows, cols = conv.choose_method((8, 16), (3, 3), 1, 12, 12)
+    method, rows, cols = conv.choose_method((1, 8, 16, 1), (3, 3, 1, 1), 1, 12, 12)
     assert [t for t, _, _ in rows.live] == [1] and rows.pad == (0, 0)
     assert [(t, lo, hi) for t, lo, hi in cols.live] == [(0, 12, 15), (1, 0, 15), (2, 0, 3)]
     # Every rate ≥ the map size reduces a 3×3 to its centre tap, a 1×1 conv without padding.
     for rate in (8, 12, 24, 36):
-        method, rows, cols = conv.choose_method((8, 8), (3, 3), 1, rate, rate)
+        method, rows, cols = conv.choose_method((1, 8, 8, 1), (3, 3, 1, 1), 1, rate, rate)
         assert (method, rows.live, cols.live, rows.pad, cols.pad) == (
             "trimmed",
             ((1, 0, 7),),
@@ -211,3 +211,25 @@ def test_bad_arguments_are_refused():
         conv.conv2d(x, w, padding=-1)
     with pytest.raises(ValueError, match="kernel"):
         conv.conv2d(x, jnp.zeros((3, 3, 3, 2)), padding=1)
+
+
+def test_auto_rule_picks_per_tap_products_only_for_large_dilated_convs_with_a_low_valid_fraction():
+    # Valid fraction of a 3×3 rate-r conv on an n×n map: ((n + 2(n − r)) / 3n)² for r < n.
+    expected = {
+        (2, 32, 2048, 256, 1): "trimmed",  # undilated: one conv whatever the fraction
+        (2, 32, 512, 512, 4): "trimmed",  # fraction 0.840
+        (2, 32, 2048, 256, 12): "taps",  # 0.5625, 9.7 G multiply-adds in full
+        (2, 32, 2048, 256, 24): "taps",  # 0.25
+        (2, 32, 2048, 256, 36): "trimmed",  # centre tap only
+        (32, 8, 64, 64, 4): "trimmed",  # 0.444 but only 75 M multiply-adds in full
+        (32, 8, 1024, 1024, 4): "taps",  # 0.444, 19 G
+        (32, 8, 1024, 1024, 2): "trimmed",  # 0.694
+    }
+    for (b, n, cin, cout, rate), method in expected.items():
+        got = conv.choose_method((b, n, n, cin), (3, 3, cin, cout), 1, rate, rate)[0]
+        assert got == method, (b, n, cin, cout, rate)
+    # Padding beyond the kernel's reach: stride 10 reads only position −4 of a 2×2 map padded by 4.
+    assert conv.choose_method((1, 2, 2, 3), (1, 1, 3, 2), 10, 1, 4)[0] == "zero"
+    x, w = jnp.ones((1, 2, 2, 3)), jnp.ones((1, 1, 3, 2))
+    y = conv.conv2d(x, w, stride=10, padding=4)
+    assert y.shape == full_conv(x, w, 10, 1, 4).shape == (1, 1, 1, 2) and not np.any(np.asarray(y))

@@ -10,18 +10,21 @@ output position. XLA computes those products anyway (and, on the CPU, slowly). :
    padding for every output row is cut off, and likewise for columns, with the padding reduced by the same
    amount so that every remaining tap reads exactly what it read before. A 3×3 rate-d conv on an H×W map with
    d ≥ H and d ≥ W becomes its centre tap, a 1×1 conv; rate 12 on an 8×16 map becomes a 1×3 conv.
-2. **Taps valid on part of the map.** After step 1, let *valid fraction* be the share of (tap, output position)
-   products that read the map rather than padding. When the trimmed kernel is dilated (rate > 1 along an axis
-   with more than one tap) and the valid fraction is below :data:`TAPS_BELOW_VALID_FRACTION`, the conv is
-   computed as a sum of per-tap products: for each tap, one matrix product of the input window it actually
-   reads with that tap's ``[C_in, C_out]`` weights, added into the output window where it is valid (taps with
-   the same output window are summed before being placed). Otherwise the trimmed kernel goes to
-   ``lax.conv_general_dilated`` as one convolution.
+2. **Taps valid on part of the map.** After step 1, let the *valid fraction* be the share of (tap, output
+   position) products of the trimmed kernel that read the map rather than padding. The conv is computed as a sum
+   of per-tap products when all of these hold: the trimmed kernel is dilated (rate > 1 along an axis with more
+   than one live tap), the valid fraction is below :data:`TAPS_BELOW_VALID_FRACTION` (0.6), and the full conv
+   is at least :data:`TAPS_MIN_FULL_MACS` (2³⁰) multiply-adds per call. Per-tap products are, for each tap, one
+   matrix product of the input window the tap actually reads with that tap's ``[C_in, C_out]`` weights, added
+   into the output window where the tap is valid (taps with the same output window are summed before being
+   placed). Otherwise the trimmed kernel goes to ``lax.conv_general_dilated`` as one convolution.
 
-The rule was measured on the 2-core CPU (``benchmarks/padding_conv.py --rule``, see BENCHMARKS.md,
-section "padding-conv"): XLA:CPU's dilated convolution costs about as much per tap as a dense one over the
-whole padded map, so per-tap products win as soon as a good part of the work would be padding, while for
-undilated 3×3 convs (valid fraction ≥ 0.75 on any map of side ≥ 4) the single convolution is faster.
+The rule was measured on the 2-core CPU (``benchmarks/padding_conv.py --only rule``; BENCHMARKS.md, section
+"padding-conv"). Fwd+bwd of the paper's ASPP at 32×32 (2048 → 256, batch 2): rate 24 (fraction 0.25) is
+~4.5× faster as per-tap products, rate 12 (0.56) ~1.7×; at fractions around 0.7 and above one conv is as fast
+or faster. Per-tap products take ~4–5 s longer to compile per conv than one conv, so small convs (the demo's
+layer-4 rate-4 3×3 on 8×8, 75 M multiply-adds, where they save ~0.5 ms a call) stay one conv. Undilated convs
+always are one conv. On a GPU the rule has not been measured.
 
 Both ways are exact rewrites of the zero-padded convolution: the dropped products are products with zeros. So the
 forward pass, the input gradient and the kernel gradient equal those of the full computation up to the order of
@@ -30,7 +33,7 @@ computation. The kernel keeps its full shape (parameters, checkpoints and compac
 products accumulate in float32 and round once to the input dtype.
 
 :func:`padding_aware` switches the whole thing off (plain ``lax.conv_general_dilated`` with full padding), for
-side-by-side benchmarks; it acts when a function is traced, so jit a fresh function after changing it.
+side-by-side benchmarks (``benchmarks/padding_conv.py``); it acts when a function is traced.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ import numpy as np
 # Per-tap products are used for a dilated trimmed kernel whose share of valid (tap, output) products is below
 # this; see the module docstring and BENCHMARKS.md for the measurement behind it.
 TAPS_BELOW_VALID_FRACTION = 0.6
+# ... and only when the full conv is at least this many multiply-adds per call: per-tap products take ~4-5 s more
+# to compile per conv on the CPU than one conv, which a small conv never earns back in a short run.
+TAPS_MIN_FULL_MACS = 2**30
 
 _ENABLED = True
 _METHODS = ("auto", "full", "trimmed", "taps")
@@ -55,16 +61,24 @@ _METHODS = ("auto", "full", "trimmed", "taps")
 def padding_aware(enabled: bool) -> Iterator[None]:
     """Within the block, :func:`conv2d` with ``method='auto'`` is padding-aware (True) or the plain full conv (False).
 
-    The flag is read at trace time: functions jitted (or traced) inside the block keep the behaviour they were
-    traced with. Not thread-safe; meant for benchmarks and tests.
+    The setting acts when a function is traced. JAX reuses traces of a function it has seen, so entering and
+    leaving the block clears JAX's caches whenever the setting changes: a function jitted or traced afterwards sees
+    the setting in force. Executables compiled ahead of time (``jit(f).lower(...).compile()``) keep the setting
+    they were traced with. Not thread-safe; meant for benchmarks and tests.
     """
-    global _ENABLED
     previous = _ENABLED
-    _ENABLED = bool(enabled)
+    _set(bool(enabled))
     try:
         yield
     finally:
-        _ENABLED = previous
+        _set(previous)
+
+
+def _set(enabled: bool) -> None:
+    global _ENABLED
+    if enabled != _ENABLED:
+        jax.clear_caches()
+        _ENABLED = enabled
 
 
 def is_padding_aware() -> bool:
@@ -205,27 +219,35 @@ def _tap_products(x, kernel, stride, dilation, pads, rows: AxisPlan, cols: AxisP
 
 
 def choose_method(
-    in_hw: tuple[int, int], kernel_hw: tuple[int, int], stride, dilation, padding
+    x_shape: Sequence[int], kernel_shape: Sequence[int], stride, dilation, padding
 ) -> tuple[str, AxisPlan, AxisPlan]:
-    """How ``method='auto'`` computes a conv of this static shape: ``'trimmed'``, ``'taps'`` (see the module doc) or
-    ``'zero'`` (no tap ever reads the map).
+    """How ``method='auto'`` computes a conv of these static shapes (x NHWC, kernel HWIO): ``'trimmed'``,
+    ``'taps'`` (see the module docstring) or ``'zero'`` (no tap ever reads the map).
 
     Returns the method and the row and column :class:`AxisPlan`.
     """
     stride = _hw(stride, "stride")
     dilation = _hw(dilation, "dilation")
     pads = _pairs(padding, "padding")
-    rows = axis_plan(in_hw[0], kernel_hw[0], stride[0], dilation[0], pads[0])
-    cols = axis_plan(in_hw[1], kernel_hw[1], stride[1], dilation[1], pads[1])
+    rows = axis_plan(x_shape[1], kernel_shape[0], stride[0], dilation[0], pads[0])
+    cols = axis_plan(x_shape[2], kernel_shape[1], stride[1], dilation[1], pads[1])
     if rows.empty or cols.empty:
         return "zero", rows, cols
     n_taps = len(rows.live) * len(cols.live)
     dilated = (len(rows.live) > 1 and dilation[0] > 1) or (len(cols.live) > 1 and dilation[1] > 1)
     if n_taps == 1 or not dilated:
         return "trimmed", rows, cols
-    valid = rows.valid_products() * cols.valid_products()
-    fraction = valid / (n_taps * rows.out_size * cols.out_size)
-    return ("taps" if fraction < TAPS_BELOW_VALID_FRACTION else "trimmed"), rows, cols
+    fraction = valid_fraction(rows, cols)
+    full_macs = x_shape[0] * rows.out_size * cols.out_size * kernel_shape[0] * kernel_shape[1]
+    full_macs *= kernel_shape[2] * kernel_shape[3]
+    taps = fraction < TAPS_BELOW_VALID_FRACTION and full_macs >= TAPS_MIN_FULL_MACS
+    return ("taps" if taps else "trimmed"), rows, cols
+
+
+def valid_fraction(rows: AxisPlan, cols: AxisPlan) -> float:
+    """Share of the (live tap, output position) products of the trimmed kernel that read the map."""
+    n_taps = len(rows.live) * len(cols.live)
+    return rows.valid_products() * cols.valid_products() / (n_taps * rows.out_size * cols.out_size)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride=1, dilation=1, padding=0, method: str = "auto") -> jax.Array:
@@ -260,7 +282,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride=1, dilation=1, padding=0, 
         method = "full"
     if method == "full":
         return _full_conv(x, kernel, strides, dilations, pads)
-    chosen, rows, cols = choose_method(x.shape[1:3], kernel.shape[:2], strides, dilations, pads)
+    chosen, rows, cols = choose_method(x.shape, kernel.shape, strides, dilations, pads)
     if chosen == "zero":
         shape = (x.shape[0], rows.out_size, cols.out_size, kernel.shape[3])
         return jnp.zeros(shape, jnp.result_type(x.dtype, kernel.dtype))
