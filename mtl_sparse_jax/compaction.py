@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_sparse_jax import fileio, sparsity
+from mtl_sparse_jax.models import conv as conv_lib
 from mtl_sparse_jax.models import graph, layers
 from mtl_sparse_jax.models import multitask as multitask_lib
 from mtl_sparse_jax.models import resnetd as resnetd_lib
@@ -88,16 +89,9 @@ def _lookup(tree: Mapping, path: str, what: str, depth: int):
 
 
 def _conv2d(x, kernel, stride, dilation):
-    """The backbone's conv (layers.Conv2d): explicit zero padding dilation·(k−1)/2, NHWC/HWIO."""
+    """The backbone's conv (layers.Conv2d): explicit zero padding dilation·(k−1)/2, padding-aware, NHWC/HWIO."""
     pad = layers.same_padding(kernel.shape[0], dilation)
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        rhs_dilation=(dilation, dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    return conv_lib.conv2d(x, kernel, stride=stride, dilation=dilation, padding=pad)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ DeepLab-v3 head (reference ``DeepLabHead``/``ASPP``), on features [B, h, w, C_in
 * concat → ``aspp_project`` 1×1, BN, ReLU, Dropout;
 * ``head`` 3×3 to ``channels``, BN, ReLU; ``classifier`` 1×1 with bias to ``out_channels``.
 
-Only ``classifier`` has a bias. No upsampling: the output is [B, h, w, out_channels].
+Only ``classifier`` has a bias. No upsampling: the output is [B, h, w, out_channels]. Every conv goes through
+``layers.Conv2d``, which skips the kernel taps that read only padding (on an 8×8 map every ASPP branch of rate
+≥ 8 is its centre tap) with the same result as the fully padded conv.
 
 Classification head (reference ``ClassificationHead``): ``conv`` 3×3 with bias to ``hidden``, ReLU, 2×2 stride-2
 max-pool (floor), global average pool, Dropout(0.6), ``dense1`` to ``dense``, ReLU, Dropout(0.4), ``dense2`` to 1.

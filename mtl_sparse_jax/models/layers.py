@@ -7,7 +7,8 @@ reproduce PyTorch's defaults rather than Flax's:
 * conv and dense kernels *and* biases start as U(±1/√fan_in), fan_in = kh·kw·C_in (PyTorch's
   kaiming_uniform(a=√5) and its bias rule);
 * convolutions pad explicitly with zeros, dilation·(k−1)/2 on each side, which matters for the heavily
-  dilated ASPP branches on small feature maps;
+  dilated ASPP branches on small feature maps; they are computed by ``conv.conv2d``, which gives the same result
+  without computing the kernel taps that read only padding;
 * BatchNorm uses eps 1e-5 and momentum 0.1 in PyTorch's convention, normalises with the biased batch variance
   in train mode, and stores the *unbiased* one in the running variance;
 * max-pooling pads with −inf.
@@ -24,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mtl_sparse_jax.models import conv
 
 Dtype = Any
 
@@ -47,6 +50,10 @@ def same_padding(kernel_size: int, dilation: int) -> int:
 
 class Conv2d(nn.Module):
     """2-D convolution on NHWC inputs with an HWIO ``kernel``, explicit zero padding and PyTorch init.
+
+    Computed by :func:`mtl_sparse_jax.models.conv.conv2d`: taps that read only zero padding for the static input
+    size are skipped; the result and both gradients are those of the fully padded convolution, and the kernel
+    keeps its full shape.
 
     Attributes:
       features: number of output channels.
@@ -73,13 +80,8 @@ class Conv2d(nn.Module):
         fan_in = k * k * in_features
         kernel = self.param("kernel", uniform_fan_in(fan_in), (k, k, in_features, self.features), self.param_dtype)
         pad = same_padding(k, self.dilation)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=((pad, pad), (pad, pad)),
-            rhs_dilation=(self.dilation, self.dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        y = conv.conv2d(
+            x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride, dilation=self.dilation, padding=pad
         )
         if self.use_bias:
             bias = self.param("bias", uniform_fan_in(fan_in), (self.features,), self.param_dtype)
