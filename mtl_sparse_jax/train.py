@@ -323,8 +323,11 @@ class Trainer:
     # -- host-side loops --------------------------------------------------------------------------------------------
 
     def put_batch(self, batch: dict[str, np.ndarray]):
-        """Places a process-local numpy batch on the mesh, sharded along the batch axis."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+        """Places a process-local numpy batch on the mesh, sharded along the batch axis (jax.Arrays pass as is)."""
+        return {
+            k: v if isinstance(v, jax.Array) else jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()
+        }
 
     def prefetch(self, batches: Iterable[dict], size: int = 2) -> Iterator[dict]:
         queue: deque = deque()
@@ -457,7 +460,7 @@ def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dic
         )
 
     def batches(split, train, epoch, batch_size):
-        return input_pipeline.iterate_batches(
+        return _batch_reader(trainer, data)(
             data.dir,
             split,
             tasks=trainer.task_names,
@@ -597,6 +600,17 @@ def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dic
     return test
 
 
+def _batch_reader(trainer: Trainer, data):
+    """data.loader: 'device' (arrays resident on the mesh, no TensorFlow once decoded) or 'tfdata' (numpy batches)."""
+    if data.loader == "device":
+        from mtl_sparse_jax.data import device as device_loader
+
+        return functools.partial(device_loader.iterate_batches, sharding=trainer.batch_sharding)
+    from mtl_sparse_jax.data import pipeline as input_pipeline
+
+    return input_pipeline.iterate_batches
+
+
 def _eval_batch_size(config, num_devices: int, process_count: int) -> int:
     """Per-process eval batch: at least config.eval_batch_size globally, divisible over the local devices."""
     local_devices = max(num_devices // process_count, 1)
@@ -606,8 +620,6 @@ def _eval_batch_size(config, num_devices: int, process_count: int) -> int:
 
 def evaluate_trial(trainer: Trainer, config, trial_dir: str, trial: int, data, *, ckpts=None, history=None) -> dict:
     """Restores the selected checkpoint(s) of a trial and evaluates the test split; writes test_metrics.json."""
-    from mtl_sparse_jax.data import pipeline as input_pipeline
-
     own = ckpts is None
     ckpts = ckpts or ckpt_lib.TrialCheckpoints(os.path.join(trial_dir, "checkpoints"))
     seed = config.seed + trial
@@ -616,7 +628,7 @@ def evaluate_trial(trainer: Trainer, config, trial_dir: str, trial: int, data, *
     abstract_best = {"params": abstract.params, "batch_stats": abstract.batch_stats}
 
     def test_batches():
-        return input_pipeline.iterate_batches(
+        return _batch_reader(trainer, data)(
             data.dir,
             "test",
             tasks=trainer.task_names,
