@@ -226,26 +226,73 @@ def _decode_split(data_dir: str, manifest: dict, split: str, entry: dict) -> dic
         id_path = os.path.join(out_dir, f"{split}.id{suffix}")
         tmp_paths["id"] = id_path
         np.save(id_path, np.array(ids, dtype=f"S{max([1] + [len(i) for i in ids])}"), allow_pickle=False)
-        arrays = {}
-        for name, tmp in tmp_paths.items():
-            final = os.path.join(out_dir, f"{split}.{name}.npy")
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            header = np.load(final, mmap_mode="r", allow_pickle=False)
-            arrays[name] = {
-                "file": f"{ARRAYS_DIR}/{split}.{name}.npy",
-                "sha256": data_spec.sha256_of_file(final),
-                "bytes": os.path.getsize(final),
-                "dtype": header.dtype.str,
-                "shape": list(header.shape),
-            }
-            del header
+        arrays = {name: _publish(data_dir, split, name, tmp) for name, tmp in tmp_paths.items()}
     finally:
         for tmp in tmp_paths.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
     return {"num_examples": n, "shards": _shard_signature(entry), "arrays": arrays}
+
+
+def _publish(data_dir: str, split: str, name: str, tmp: str) -> dict:
+    """Renames a finished temporary .npy into place; returns its arrays.json record."""
+    final = os.path.join(data_dir, ARRAYS_DIR, f"{split}.{name}.npy")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    header = np.load(final, mmap_mode="r", allow_pickle=False)
+    record = {
+        "file": f"{ARRAYS_DIR}/{split}.{name}.npy",
+        "sha256": data_spec.sha256_of_file(final),
+        "bytes": os.path.getsize(final),
+        "dtype": header.dtype.str,
+        "shape": list(header.shape),
+    }
+    del header
+    return record
+
+
+def write_arrays(data_dir: str, split: str, arrays: dict[str, np.ndarray]) -> dict:
+    """Writes a split held in memory as the device loader's files and records them against the current shards.
+
+    For code that has the decoded examples already (a converter, a benchmark): no TFRecord parsing. `arrays`
+    holds every feature of the manifest in the on-disk dtypes and shapes of the module docstring, plus 'id'
+    (bytes, 'S' dtype), in manifest order. Returns the split's arrays.json entry.
+    """
+    data_dir = os.fspath(data_dir)
+    manifest = data_spec.load_manifest(data_dir, verify="none")
+    entry = data_spec.split_entry(manifest, split, data_dir)
+    height, width = manifest["image_size"]
+    n = entry["num_examples"]
+    expected = {"id": None}
+    for name in manifest["features"]:
+        shape = {"image": (height, width, 3), "seg": (height, width), "normals": (height, width, 3)}.get(name)
+        shape = shape or ((height, width, 1) if name in ("depth", "edge") else ())
+        dtype = np.float32 if name in _FLOAT_KEYS else np.uint8
+        expected[name] = (np.dtype(dtype), (n, *shape))
+    if set(arrays) != set(expected):
+        raise ValueError(f"write_arrays needs exactly the keys {sorted(expected)}, got {sorted(arrays)}")
+    for name, want in expected.items():
+        value = np.asarray(arrays[name])
+        ok = value.dtype.kind == "S" and value.shape == (n,) if want is None else (value.dtype, value.shape) == want
+        if not ok:
+            raise ValueError(f"array '{name}' is {value.dtype} {list(value.shape)}, expected {want or ('bytes', (n,))}")
+    os.makedirs(os.path.join(data_dir, ARRAYS_DIR), exist_ok=True)
+    with _writer_lock(data_dir):
+        records = {}
+        for name, value in arrays.items():
+            tmp = os.path.join(data_dir, ARRAYS_DIR, f"{split}.{name}.tmp.{os.getpid()}.npy")
+            try:
+                np.save(tmp, np.asarray(value), allow_pickle=False)
+                records[name] = _publish(data_dir, split, name, tmp)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        record = {"num_examples": n, "shards": _shard_signature(entry), "arrays": records}
+        sidecar = _read_sidecar(data_dir)
+        sidecar["splits"][split] = record
+        _write_atomic_json(_sidecar_path(data_dir), sidecar)
+    return record
 
 
 # --------------------------------------------------------------------------------------------------
