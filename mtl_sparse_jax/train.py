@@ -460,7 +460,7 @@ def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dic
         )
 
     def batches(split, train, epoch, batch_size):
-        return _batch_reader(trainer, data)(
+        return _batch_reader(trainer, data, split)(
             data.dir,
             split,
             tasks=trainer.task_names,
@@ -600,12 +600,15 @@ def run_trial(trainer: Trainer, config, trial_dir: str, trial: int, data) -> dic
     return test
 
 
-def _batch_reader(trainer: Trainer, data):
-    """data.loader: 'device' (arrays resident on the mesh, no TensorFlow once decoded) or 'tfdata' (numpy batches)."""
+def _batch_reader(trainer: Trainer, data, split: str):
+    """data.loader='device': arrays resident on the mesh (no TensorFlow once decoded) for a split that fits on
+    every device; otherwise, or with 'tfdata', tf.data's numpy batches (placed by Trainer.put_batch)."""
     if data.loader == "device":
         from mtl_sparse_jax.data import device as device_loader
 
-        return functools.partial(device_loader.iterate_batches, sharding=trainer.batch_sharding)
+        if device_loader.fits(data.dir, split, trainer.task_names, trainer.mesh):
+            return functools.partial(device_loader.iterate_batches, sharding=trainer.batch_sharding)
+        print(f"split '{split}' does not fit on the devices; reading it with tf.data", flush=True)
     from mtl_sparse_jax.data import pipeline as input_pipeline
 
     return input_pipeline.iterate_batches
@@ -628,7 +631,7 @@ def evaluate_trial(trainer: Trainer, config, trial_dir: str, trial: int, data, *
     abstract_best = {"params": abstract.params, "batch_stats": abstract.batch_stats}
 
     def test_batches():
-        return _batch_reader(trainer, data)(
+        return _batch_reader(trainer, data, "test")(
             data.dir,
             "test",
             tasks=trainer.task_names,

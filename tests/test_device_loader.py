@@ -285,3 +285,23 @@ def test_training_without_tensorflow_matches_the_tfdata_loader(tmp_path):
     test_want = json.load(open(tmp_path / "tfdata" / "trial_0" / "test_metrics.json"))
     test_got = json.load(open(tmp_path / "device" / "trial_0" / "test_metrics.json"))
     np.testing.assert_allclose(test_got["loss/total"], test_want["loss/total"], rtol=1e-6)
+
+
+def test_resident_bytes_and_fits_follow_the_arrays_and_the_device_limit(data_dir, monkeypatch):
+    pixels = NUM_TRAIN * SIZE * SIZE
+    # image 3 + seg 1 + depth 4 + depth_valid 1 + normals 12 + edge 4 bytes per pixel; depth_scale 4 and two
+    # attributes 1 byte each per example.
+    want = pixels * (3 + 1 + 4 + 1 + 12 + 4) + NUM_TRAIN * (4 + 1 + 1)
+    assert device.resident_bytes(data_dir, "train", ALL_TASKS) == want
+    batch = device_batches(data_dir, batch_size=2)[0]
+    placed = device._CACHE[next(reversed(device._CACHE))]["tables"]
+    assert sum(t.nbytes for t in placed.values()) == want and "id" in batch
+    half = device.resident_bytes(data_dir, "train", ALL_TASKS, float_dtype="float16")
+    assert half == want - pixels * (2 + 6 + 2)
+    mesh = sharding(2).mesh
+    monkeypatch.setattr(device, "_device_limit", lambda d: 2 * want)
+    assert device.fits(data_dir, "train", ALL_TASKS, mesh)
+    monkeypatch.setattr(device, "_device_limit", lambda d: 2 * want - 1)
+    assert not device.fits(data_dir, "train", ALL_TASKS, mesh)
+    with pytest.raises(DataError, match="data.loader=tfdata"):
+        device_batches(data_dir, seed=99, depth_norm="none")  # another depth_norm: not cached, so checked

@@ -396,13 +396,45 @@ def _host_tables(data_dir, record, split, features, depth_norm, depth_max_m, flo
     return tables, ids
 
 
+_BYTES_PER_PIXEL = {"image": 3, "seg": 1, "depth": 4 + 1, "normals": 12, "edge": 4}  # float32; depth + valid
+
+
+def resident_bytes(data_dir: str, split: str, tasks, float_dtype: str = "float32") -> int:
+    """Bytes one device holds for `split` and `tasks`, from the manifest alone (nothing is decoded)."""
+    manifest = data_spec.load_manifest(data_dir, verify="none")
+    n = data_spec.split_entry(manifest, split, data_dir)["num_examples"]
+    height, width = manifest["image_size"]
+    total = 0
+    for name in data_spec.features_for_tasks(manifest, list(tasks), data_dir):
+        per_pixel = _BYTES_PER_PIXEL.get(name)
+        if per_pixel is None:  # an attribute: one byte per example
+            total += n
+            continue
+        if float_dtype == "float16" and name in _FLOAT_KEYS:
+            per_pixel = {"depth": 2 + 1, "normals": 6, "edge": 2}[name]
+        total += n * height * width * per_pixel + (4 * n if name == "depth" else 0)
+    return total
+
+
+def _device_limit(device) -> int | None:
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001  (not every backend reports memory)
+        stats = None
+    return (stats or {}).get("bytes_limit")
+
+
+def fits(data_dir: str, split: str, tasks, mesh, float_dtype: str = "float32") -> bool:
+    """Whether `split` fits within MAX_DEVICE_FRACTION of every local device of `mesh` (True where a backend,
+    like the CPU, reports no limit)."""
+    need = resident_bytes(data_dir, split, tasks, float_dtype)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return all(not _device_limit(d) or need <= MAX_DEVICE_FRACTION * _device_limit(d) for d in local)
+
+
 def _check_fits(total_bytes: int, devices) -> None:
     for device in devices:
-        try:
-            stats = device.memory_stats()
-        except Exception:  # noqa: BLE001  (not every backend reports memory)
-            stats = None
-        limit = (stats or {}).get("bytes_limit")
+        limit = _device_limit(device)
         if limit and total_bytes > MAX_DEVICE_FRACTION * limit:
             raise DataError(
                 f"the split needs {total_bytes / 2**30:.2f} GiB on every device, more than "
