@@ -138,7 +138,14 @@ def _writer_lock(data_dir: str):
     """One writer per data directory at a time (processes on one host or on a filesystem with flock)."""
     import fcntl  # noqa: PLC0415  (POSIX only; only writers need it)
 
-    with open(os.path.join(data_dir, ARRAYS_NAME + ".lock"), "w") as f:
+    try:
+        f = open(os.path.join(data_dir, ARRAYS_NAME + ".lock"), "w")  # noqa: SIM115  (closed below)
+    except OSError as e:
+        raise DataError(
+            f"cannot write the device loader's arrays into {data_dir} ({e.strerror}); make it writable, or run "
+            f"python -m mtl_sparse_jax.data.device on a writable copy, or use --config.data.loader=tfdata"
+        ) from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
