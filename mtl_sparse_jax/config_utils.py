@@ -25,6 +25,7 @@ _CHOICES = {
     "data.depth_norm": ("reference", "fixed", "none"),
     "data.verify": ("size", "sha256", "none"),
     "data.format": ("shards", "tfds"),
+    "data.loader": ("tfdata", "device"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.depth": (18, 50, 101),
     "model.output_stride": (8, 16, 32),

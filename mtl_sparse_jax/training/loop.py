@@ -89,13 +89,20 @@ def eval_batch_size(config, num_devices: int, process_count: int) -> int:
 
 
 def shard_batches(config, spec: StepSpec, seed: int) -> Batches:
-    """Batches from the config's TFRecord shards (tf.data; TensorFlow is imported here, on first use)."""
+    """Batches of the config's dataset: tf.data over the shards or a tfds directory (TensorFlow imported on first
+    use), or with data.loader='device' the splits resident on the mesh (no TensorFlow once decoded)."""
     from mtl_sparse_jax.data import pipeline
 
     data = config.data
+    read = pipeline.iterate_batches
+    extra = {"data_format": data.format, "features": data.features}
+    if data.loader == "device":  # arrays resident on the mesh; no TensorFlow once they are decoded
+        from mtl_sparse_jax.data import device
+
+        read, extra = device.iterate_batches, {"sharding": spec.batch_sharding}
 
     def batches(split: str, train: bool, epoch: int, batch_size: int):
-        return pipeline.iterate_batches(
+        return read(
             data.dir,
             split,
             tasks=spec.task_names,
@@ -106,8 +113,7 @@ def shard_batches(config, spec: StepSpec, seed: int) -> Batches:
             depth_norm=data.depth_norm,
             depth_max_m=data.depth_max_m,
             verify=data.verify,
-            data_format=data.format,
-            features=data.features,
+            **extra,
         )
 
     return batches
