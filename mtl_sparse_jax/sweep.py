@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         os.makedirs(workdir, exist_ok=True)
         sweep_lib.write_sweep_json(sweep, workdir)
         figures.write_report(sweep, workdir, bench=not args.no_bench, repeats=args.bench_repeats)
-    else:
+    elif not failed:
         print(
             f"cell {args.cell} finished; when every cell has: python -m mtl_sparse_jax.sweep --sweep {args.sweep} "
             f"--workdir {workdir} --report"

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def sweep_file(data_dir, tmp_path_factory):
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    # One CPU device in the CLI runs (the in-process tests fake 8): less to compile and run on a small machine.
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     return env
 
 
@@ -70,9 +73,14 @@ def _cli(args, log=None):
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
-def _run(args, timeout=900):
+def _run(args, timeout=1800):
     proc = _cli(args)
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"sweep {args} did not finish in {timeout} s:\n{out}")
     return proc.returncode, out
 
 
@@ -124,6 +132,7 @@ def test_grid_product_and_union():
     assert sweep_lib.union(g[:2], g[1:3]) == g[:3]
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_cell_and_writes_the_report(completed):
     workdir, out = completed
     state = json.loads((workdir / "sweep.json").read_text())
@@ -154,6 +163,7 @@ def test_sweep_runs_every_cell_and_writes_the_report(completed):
     assert {r["model"] for r in bench["results"]} == {"dense", "compact"}
 
 
+@pytest.mark.slow
 def test_rerun_trains_nothing(completed, sweep_file):
     workdir, _ = completed
     before = _checkpoint_mtimes(workdir)
@@ -185,6 +195,7 @@ def _assert_same_summary(a, b, path=""):
         assert a == b, path
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_summary(completed, sweep_file, tmp_path):
     """SIGKILL the sweep right after the first checkpoint of its first cell, rerun: same summary.json."""
     reference, _ = completed
@@ -192,7 +203,7 @@ def test_killed_sweep_resumes_to_the_same_summary(completed, sweep_file, tmp_pat
     log = tmp_path / "killed.log"
     proc = _cli(["--sweep", sweep_file, "--workdir", workdir, "--no-bench"], log=log)
     latest = workdir / CELLS[0] / "trial_0" / "checkpoints" / "latest"
-    deadline = time.time() + 600
+    deadline = time.time() + 1800
     while time.time() < deadline and proc.poll() is None:
         if latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir()):
             break
@@ -202,7 +213,7 @@ def test_killed_sweep_resumes_to_the_same_summary(completed, sweep_file, tmp_pat
     proc.wait()
     assert not (workdir / "summary.json").exists()
     rc, out = _run(["--sweep", sweep_file, "--workdir", workdir, "--dry-run"])
-    assert f"{CELLS[0]}  partial" in out.replace("  ", "  "), out
+    assert re.search(rf"^\s*0\s+{re.escape(CELLS[0])}\s+partial\s", out, re.M), out
 
     rc, out = _run(["--sweep", sweep_file, "--workdir", workdir, "--no-bench"])
     assert rc == 0, out
@@ -217,6 +228,7 @@ def _plain_mean_std(values):
     return float(x.mean()), float(np.sqrt(((x - x.mean()) ** 2).mean()))
 
 
+@pytest.mark.slow
 def test_table_numbers_and_delta_m_recomputed_from_test_metrics(completed):
     workdir, _ = completed
     trials = {
@@ -257,6 +269,7 @@ def test_table_numbers_and_delta_m_recomputed_from_test_metrics(completed):
     assert md.count("**") >= 2 and "<u>" in md
 
 
+@pytest.mark.slow
 def test_slurm_array_index_runs_its_cell(sweep_file, completed, tmp_path):
     workdir = tmp_path / "slurm_run"
     rc, out = _run(
@@ -272,7 +285,7 @@ def test_slurm_array_index_runs_its_cell(sweep_file, completed, tmp_path):
     assert not any((workdir / n).exists() for n in CELLS)
     # Run array task 2 the way SLURM would: the script with SLURM_ARRAY_TASK_ID set.
     env = {**_env(), "SLURM_ARRAY_TASK_ID": "2"}
-    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout + res.stderr
     assert [n for n in CELLS if (workdir / n).exists()] == [CELLS[2]]
     assert (workdir / CELLS[2] / "trial_1" / "test_metrics.json").exists()
@@ -321,6 +334,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(sweep_file, tmp_path, capsy
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_failing_cell_is_recorded_and_the_sweep_goes_on(sweep_file, data_dir, tmp_path, capsys):
     failing = tmp_path / "failing.py"
     text = TINY_SWEEP.format(tests=TESTS, data=str(data_dir))

@@ -47,9 +47,11 @@ def _save(fig, path: str) -> None:
 
 
 def series(summary: dict) -> list[dict]:
-    """Groups of cells differing only in λ, with at least two λ; longest first (multi-task first on a tie)."""
+    """Groups of cells with trials that differ only in λ, at least two λ; longest first (multi-task first on a tie)."""
     groups: dict[tuple, list[dict]] = {}
     for c in summary["cells"]:
+        if c["trials_done"] == 0:
+            continue
         key = (tuple(c["tasks"]), c["prox"], tables._other_overrides(c))
         groups.setdefault(key, []).append(c)
     out = []
@@ -63,6 +65,11 @@ def series(summary: dict) -> list[dict]:
         out.append({"label": label, "tasks": task_set, "prox": prox, "cells": cells})
     out.sort(key=lambda s: (-len(s["cells"]), -len(s["tasks"])))
     return out
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def _lam_axis(ax, lams: Sequence[float]) -> None:
@@ -99,7 +106,7 @@ def plot_lambda_metrics(summary: dict, path: str) -> bool:
         _lam_axis(ax, lams)
         better = tables.directions([col]).get(col)
         ax.set_title(f"{col} ({'higher' if better else 'lower'} is better)", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0][0])
     fig.suptitle("Test metrics against λ (mean ± std over trials)", fontsize=10)
     _save(fig, path)
     return True
@@ -122,7 +129,7 @@ def plot_lambda_sparsity(summary: dict, path: str) -> bool:
         _lam_axis(ax, lams)
         ax.set_ylim(-2, 102)
         ax.set_title(title, fontsize=9)
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0][0])
     _save(fig, path)
     return True
 
@@ -159,7 +166,8 @@ def plot_sparsity_profile(summary: dict, workdir: str, path: str) -> bool:
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         ax.set_title(s["label"], fontsize=9)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     _save(fig, path)
     return True
 

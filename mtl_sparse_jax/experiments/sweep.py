@@ -359,6 +359,53 @@ def write_sweep_json(sweep: Sweep, workdir: str) -> dict:
 # Running
 
 
+LOCK = "sweep_cell.lock"
+
+
+def _acquire(d: str) -> str | None:
+    """Takes the cell's lock; returns the owner ('host:pid') when a live process on this host holds it.
+
+    Two processes of one sweep (e.g. two --only selections, or a resubmitted array task) then never train the
+    same cell at once. A lock left by a killed process (its pid is gone) is taken over; a lock from another
+    host is trusted, since its process cannot be checked from here (delete the file if that job is dead).
+    """
+    import socket
+
+    path = os.path.join(d, LOCK)
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = f.read().strip()
+            except FileNotFoundError:
+                continue
+            host, _, pid = owner.rpartition(":")
+            if host != socket.gethostname():
+                return owner
+            try:
+                os.kill(int(pid), 0)
+                return owner
+            except (ProcessLookupError, ValueError):
+                os.remove(path)  # stale: its process is gone
+                continue
+            except PermissionError:
+                return owner
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return None
+    return "unknown"
+
+
+def _release(d: str) -> None:
+    try:
+        os.remove(os.path.join(d, LOCK))
+    except FileNotFoundError:
+        pass
+
+
 def _print(line: str) -> None:
     print(line, flush=True)
 
@@ -380,10 +427,14 @@ def run_cells(sweep: Sweep, workdir: str, cells: Sequence[Cell], *, log=_print) 
             log(f"[{cell.index}] {cell.name}: done ({state['trials_done']}/{state['num_trials']} trials), skipped")
             continue
         d = cell_dir(workdir, cell)
+        os.makedirs(d, exist_ok=True)
+        owner = _acquire(d)
+        if owner is not None:
+            log(f"[{cell.index}] {cell.name}: running in another process ({owner}), skipped")
+            continue
         verb = {"partial": "resuming", "failed": "retrying"}.get(state["state"], "starting")
         log(f"[{cell.index}] {cell.name}: {verb}")
         t0 = time.time()
-        os.makedirs(d, exist_ok=True)
         try:
             training.train_and_evaluate(cell.config, d)
         except Exception as e:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
@@ -397,6 +448,8 @@ def run_cells(sweep: Sweep, workdir: str, cells: Sequence[Cell], *, log=_print) 
         else:
             write_json_atomic(os.path.join(d, CELL_RECORD), {"state": "done", "seconds": round(time.time() - t0, 1)})
             log(f"[{cell.index}] {cell.name}: done in {time.time() - t0:.0f} s")
+        finally:
+            _release(d)
         write_sweep_json(sweep, workdir)
     write_sweep_json(sweep, workdir)
     return failed
