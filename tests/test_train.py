@@ -124,9 +124,14 @@ def test_eval_mode_restores_on_another_device_count(trained):
     config, workdir, results = trained
     assert jax.device_count() == 8
     again = training.evaluate_workdir(config, str(workdir), devices=jax.devices()[:1])
+    # Continuous metrics agree to float rounding. Metrics that count pixels on either side of a threshold (the
+    # % of normals within 30°, pixel accuracy, IoU) may move by a pixel: XLA's CPU convs differ in the last bit
+    # between a per-device batch of 1 and of 13, and the 13 test images hold 13,312 pixels (one is 0.0075 %).
     for k, v in results[0].items():
         if isinstance(v, float):
-            assert again[0][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+            discrete = any(s in k for s in ("pct_", "acc", "iou", "f1"))
+            pixels = 2 / 13312 * (100 if abs(v) > 1 else 1)
+            assert again[0][k] == pytest.approx(v, rel=1e-4, abs=pixels if discrete else 1e-5), k
 
 
 def test_eight_devices_match_one_device(data_dir, trained):
