@@ -27,7 +27,6 @@ The table has medians and the median of the per-round ratios old / new.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
@@ -41,35 +40,19 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtl_sparse_jax import compaction, models  # noqa: E402
-from mtl_sparse_jax.models import conv, layers  # noqa: E402
+from mtl_sparse_jax.models import conv  # noqa: E402
 
 PARTS = ("rule", "head", "train", "infer")
 DEMO_TASKS = (("seg", "deeplab", 6), ("normals", "deeplab", 3), ("depth", "deeplab", 1))
 PAPER_TASKS = (("seg", "deeplab", 40), ("normals", "deeplab", 3), ("depth", "deeplab", 1))
 
 
-@contextlib.contextmanager
-def compact_convs_padding_aware():
-    """Routes ``compaction._conv2d`` through ``conv.conv2d`` for the duration (the compact backbone's convs)."""
-    original = compaction._conv2d
-
-    def aware(x, kernel, stride, dilation):
-        pad = layers.same_padding(kernel.shape[0], dilation)
-        return conv.conv2d(x, kernel, stride=stride, dilation=dilation, padding=pad)
-
-    compaction._conv2d = aware
-    try:
-        yield
-    finally:
-        compaction._conv2d = original
-
-
-def compile_in_mode(fn, args, *, aware: bool, compact: bool = False):
-    """``jit(fn).lower(*args).compile()`` traced with conv2d padding-aware or not; (compiled, seconds)."""
+def compile_in_mode(fn, args, *, aware: bool):
+    """``jit(fn).lower(*args).compile()`` traced with conv2d padding-aware or not (the model's convs and those of a
+    compacted model alike); (compiled, seconds)."""
     start = time.perf_counter()
     with conv.padding_aware(aware):
-        with compact_convs_padding_aware() if (compact and aware) else contextlib.nullcontext():
-            compiled = jax.jit(fn).lower(*args).compile()
+        compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -200,7 +183,7 @@ def bench_head(name, batch, hw, cin, channels, outs, repeats) -> dict:
 
 def bench_train(repeats: int) -> dict:
     from configs import demo
-    from mtl_sparse_jax import benchmark, train
+    from mtl_sparse_jax import benchmark, training
 
     config = demo.get_config()
     size = 64
@@ -208,14 +191,15 @@ def bench_train(repeats: int) -> dict:
     calls, compile_s, states = {}, {}, {}
     for mode, aware in (("old", False), ("new", True)):
         with conv.padding_aware(aware):
-            trainer = train.Trainer(config, devices=[device])
-            trainer.setup((size, size))
-            state = trainer.init_state(0)
-            batch = trainer.put_batch(benchmark.synthetic_batch(trainer.tasks, config.batch_size, size))
-            stats = trainer._train_stats_init()
+            spec = training.step_spec(config, devices=[device])
+            state = training.create_train_state(
+                spec, (size, size), 0, learning_rate=config.optimizer.lr, lam=config.sparsity.lam
+            )
+            batch = training.put_batch(spec, benchmark.synthetic_batch(spec.task_map, config.batch_size, size))
+            stats = training.init_train_stats(spec)
             rng = jax.random.PRNGKey(0)
             start = time.perf_counter()
-            compiled = trainer._train_step.lower(state, batch, rng, stats).compile()
+            compiled = training.train_step.lower(spec, state, batch, rng, stats).compile()
             compile_s[mode] = time.perf_counter() - start
         holder = {"state": state}
 
@@ -277,7 +261,7 @@ def bench_infer_compact(repeats: int) -> dict:
 
     calls, compile_s, outs = {}, {}, {}
     for mode, aware in (("old", False), ("new", True)):
-        compiled, compile_s[mode] = compile_in_mode(fwd, (cm.params, images), aware=aware, compact=True)
+        compiled, compile_s[mode] = compile_in_mode(fwd, (cm.params, images), aware=aware)
         calls[mode] = lambda c=compiled: c(cm.params, images)
         outs[mode] = calls[mode]()
     diff = max_rel_diff(outs["old"], outs["new"])
