@@ -24,11 +24,11 @@ def get_config():
     c.model.head_width_multiplier = 0.125
     c.batch_size = 32
     c.eval_batch_size = 64
-    c.num_epochs = 10
+    c.num_epochs = 20
     c.num_trials = 1
-    c.optimizer.lr = 2e-3
+    c.optimizer.lr = 5e-4  # lr·λ = 4e-7: dense at first, then gradually sparser (the paper's Fig. 4c)
     c.optimizer.weight_decay = 1e-4
-    c.sparsity.lam = 1e-3
+    c.sparsity.lam = 8e-4
     c.early_stopping.patience = 0
     c.early_stopping.task_patience = 0
     return c
