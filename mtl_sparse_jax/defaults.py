@@ -30,9 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.depth_norm = "reference"  # 'reference' (per-image max, clip [0.1, p99]) | 'fixed' | 'none'
     c.data.depth_max_m = 10.0  # used by depth_norm='fixed'
     c.data.verify = "size"  # manifest check at start: 'size' | 'sha256' | 'none'
-    # 'tfdata': TFRecord shards read by tf.data every epoch. 'device': the split decoded once into .npy arrays next
-    # to the shards (needs TensorFlow that once), kept on every device, batches gathered there (no TensorFlow after).
-    c.data.loader = "tfdata"
+    # 'device': each split decoded once into .npy arrays next to the shards (TensorFlow needed that once), kept on
+    # every device, batches gathered there; no TensorFlow after that. A split larger than half a device's memory
+    # is read with tf.data instead. 'tfdata': TFRecord shards read by tf.data every epoch.
+    c.data.loader = "device"
     c.data.generate_if_missing = False  # synthetic only: generate the demo data on first use
     c.data.synthetic_num_train = 768
     c.data.synthetic_num_val = 128

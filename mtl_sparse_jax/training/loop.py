@@ -94,14 +94,18 @@ def shard_batches(config, spec: StepSpec, seed: int) -> Batches:
     from mtl_sparse_jax.data import pipeline
 
     data = config.data
-    read = pipeline.iterate_batches
-    extra = {"data_format": data.format, "features": data.features}
-    if data.loader == "device":  # arrays resident on the mesh; no TensorFlow once they are decoded
-        from mtl_sparse_jax.data import device
 
-        read, extra = device.iterate_batches, {"sharding": spec.batch_sharding}
+    def reader(split: str):
+        if data.loader == "device" and data.format == "shards":  # resident on the mesh; no TensorFlow once decoded
+            from mtl_sparse_jax.data import device
+
+            if device.fits(data.dir, split, spec.task_names, spec.mesh):
+                return device.iterate_batches, {"sharding": spec.batch_sharding}
+            print(f"split '{split}' does not fit on the devices; reading it with tf.data", flush=True)
+        return pipeline.iterate_batches, {"data_format": data.format, "features": data.features}
 
     def batches(split: str, train: bool, epoch: int, batch_size: int):
+        read, extra = reader(split)
         return read(
             data.dir,
             split,
