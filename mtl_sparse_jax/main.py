@@ -76,10 +76,28 @@ def init_distributed() -> None:
         heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
         shutdown_timeout_seconds=FLAGS.shutdown_timeout,
     )
-    from jax.experimental import multihost_utils
+    _connect_collectives()
 
-    # A first collective while every process is at the same point: on the CPU, gloo connects the processes at
-    # their first collective and gives up if one arrives more than 30 s after another (later ones may wait).
+
+def _connect_collectives() -> None:
+    """Runs the collectives of training once while every process is at the same point (just started).
+
+    On the CPU, gloo connects a group of devices at its first collective and fails if one process arrives more
+    than 30 s after another (later waits are unbounded); compiling or loading data can take longer than that
+    on a busy host. Training reduces over all devices, the metric broadcast over the processes.
+    """
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))  # as training.make_mesh
+    ones = np.ones(jax.local_device_count(), np.float32)
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), ones)
+    total = jax.jit(lambda v: v.sum(), out_shardings=NamedSharding(mesh, P()))(x)
+    if float(total) != jax.device_count():
+        raise RuntimeError(f"a sum over all {jax.device_count()} devices gave {float(total)}")
     multihost_utils.sync_global_devices("mtl_sparse_jax: all processes started")
 
 
@@ -146,7 +164,13 @@ def main(argv):
             training.train_and_evaluate(config, FLAGS.workdir)
         else:
             training.evaluate_workdir(config, FLAGS.workdir)
-        if jax.process_index() == 0:  # the writer of results.md; the others may get here before it is written
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            # Process 0 writes the last outputs after the last collective; the others wait for it here rather
+            # than at the runtime's shutdown barrier, which gives up after --shutdown_timeout.
+            multihost_utils.sync_global_devices("mtl_sparse_jax: outputs written")
+        if jax.process_index() == 0:  # the writer of results.md
             with open(os.path.join(FLAGS.workdir, "results.md")) as f:
                 print(f.read())
     except (
