@@ -68,14 +68,21 @@ def init_distributed() -> None:
         _fail("--coordinator_address, --num_processes and --process_id go together; give all three or none")
     if by_hand and not 0 <= FLAGS.process_id < FLAGS.num_processes:
         _fail(f"--process_id={FLAGS.process_id} is not in [0, --num_processes={FLAGS.num_processes})")
-    jax.distributed.initialize(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes,
-        process_id=FLAGS.process_id,
-        initialization_timeout=FLAGS.init_timeout,
-        heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
-        shutdown_timeout_seconds=FLAGS.shutdown_timeout,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+            initialization_timeout=FLAGS.init_timeout,
+            heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
+            shutdown_timeout_seconds=FLAGS.shutdown_timeout,
+        )
+    except (ValueError, RuntimeError) as e:  # no cluster found, or the others did not join in --init_timeout
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        _fail(
+            f"the multi-process runtime did not start ({first}); check --coordinator_address (reachable from "
+            f"every process), --num_processes and --process_id, or run under srun / mpirun"
+        )
     _connect_collectives()
 
 

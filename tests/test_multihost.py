@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -279,3 +280,17 @@ def test_global_batch_of_a_step_is_the_same_for_any_process_count(data_dir):
     two = [ids(p, 2, 4) for p in range(2)]
     assert len(one) == len(two[0]) == len(two[1]) == 4
     assert [a + b for a, b in zip(*two)] == one
+
+
+def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path):
+    env = {k: v for k, v in _env().items() if not k.startswith(("SLURM_", "OMPI_"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "mtl_sparse_jax.main", "--distributed=on", f"--workdir={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: the multi-process runtime did not start" in out.stderr and "Traceback" not in out.stderr
