@@ -10,9 +10,10 @@ float32 [B] (metres per unit); `normals` float32 [B,H,W,3]; `edge` float32 [B,H,
 [B]; `weight` float32 [B] (0 for padding). Only the features the requested tasks need are decoded.
 
 Order and sharding. Example i of a split (in manifest order) belongs to process i mod P in evaluation.
-In training, one permutation of all examples, drawn from (seed, epoch) alone, is dealt round-robin to the
-processes, so the processes see disjoint examples and a run resumed at an epoch boundary sees the same
-order as an uninterrupted one. Small splits are decoded once and cached in memory (the permutation is then
+In training, one permutation of all examples, drawn from (seed, epoch) alone, is cut into global batches and
+each global batch into one block per process, so the processes see disjoint examples, the global batch of a
+step does not depend on the number of processes, and a run resumed at an epoch boundary sees the same order
+as an uninterrupted one. Small splits are decoded once and cached in memory (the permutation is then
 exact); large splits are streamed with a seeded file shuffle and a seeded shuffle buffer, which is
 deterministic too but not a uniform permutation.
 """
@@ -268,7 +269,10 @@ def _cached_dataset(arrays, *, batch_size, train, seed, epoch, process_index, pr
     tf = _tf()
     if train:
         rng, _, _ = _epoch_seeds(seed, epoch)
-        mine = rng.permutation(num_total)[process_index::process_count][: steps * batch_size]
+        # Step s's global batch is permutation[s*P*B : (s+1)*P*B], process p taking the p-th block of B, so the
+        # global batch (rows in process order on the mesh) is the same for any number of processes.
+        order = rng.permutation(num_total)[: steps * process_count * batch_size]
+        mine = order.reshape(steps, process_count, batch_size)[:, process_index].reshape(-1)
     else:
         mine = np.arange(num_total)[process_index::process_count]
         mine = np.concatenate([mine, np.full(steps * batch_size - len(mine), -1)])

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mtl_sparse_jax.training.spec import StepSpec
 from mtl_sparse_jax.training.step import total_loss
@@ -80,7 +81,9 @@ def evaluate(
             jax.random.fold_in(rng, i),
             train_mode=train_mode,
         )
-    acc = jax.device_get(acc)
+    # Every process takes process 0's values (bit for bit), so early stopping and best checkpoints, decided from
+    # these metrics on each process, are the same decisions everywhere.
+    acc = multihost_utils.broadcast_one_to_all(jax.device_get(acc))
     out: dict[str, float] = {}
     losses = {}
     for task in spec.tasks:

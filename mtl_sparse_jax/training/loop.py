@@ -182,7 +182,9 @@ def run_trial(spec: StepSpec, config, trial_dir: str, trial: int, image_size, ba
         if config.optimizer.reset_each_epoch:
             state = state_lib.reset_optimizer(spec, state)
         train_stats = step_lib.init_train_stats_on_mesh(spec)
-        bar = report.progress(steps, desc=f"trial {trial} epoch {epoch}", enabled=config.log.progress)
+        bar = report.progress(
+            steps, desc=f"trial {trial} epoch {epoch}", enabled=config.log.progress and report.is_writer()
+        )
         t0 = t1 = time.perf_counter()
         pending = None
         step_it = iter(evaluate_lib.prefetch(spec, batches("train", True, epoch, local_batch)))
