@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 _CHOICES = {
     "dataset": ("nyu", "celeba", "synthetic"),
     "optimizer.name": ("prox_adamw", "adam_l2"),
-    "sparsity.prox": ("adaptive", "euclidean", "none"),
+    "sparsity.prox": ("adaptive", "euclidean", "l1", "none"),
     "loss.combiner": ("uncertainty", "uncertainty_reference", "sum", "fixed"),
     "loss_resolution": ("feature", "input"),
     "eval.checkpoint": ("best", "per_task"),

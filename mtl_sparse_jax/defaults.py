@@ -73,7 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.sparsity = ml_collections.ConfigDict()
     c.sparsity.lam = 1e-5  # 0 gives the dense baseline
-    c.sparsity.prox = "adaptive"  # 'adaptive' (Adam-weighted, as the reference) | 'euclidean' (paper Eq. 5) | 'none'
+    c.sparsity.prox = (
+        "adaptive"  # 'adaptive' (Adam-weighted, as the reference) | 'euclidean' (paper Eq. 5) | 'l1' (Table 3) | 'none'
+    )
     c.sparsity.group_rule = r"^backbone/.*kernel$"
     c.sparsity.penalty_in_loss = False  # the reference also back-propagated lam * sum sqrt(C_in) ||W_c||
 

@@ -10,7 +10,8 @@ global `jax.Array`s of the global batch (`batch_size` per process × process cou
 With `with_ids=True`, 'id' is this process's part of the batch as a host numpy bytes array (b'' for padding).
 
 Order: exactly that of the tf.data loader's in-memory mode (splits whose shards total < 1 GiB). Training: one
-permutation of the split drawn from (seed, epoch) alone, dealt round-robin to the processes, remainder dropped;
+permutation of the split drawn from (seed, epoch) alone, cut into global batches, one block per process
+(`pipeline.example_order`), remainder dropped;
 so a run resumed at an epoch boundary sees the same batches. Evaluation: manifest order, example i to process
 i mod P, the last batch padded with weight-0 examples (seg 255, everything else 0). The tf.data loader streams
 larger splits with a shuffle buffer instead, so its training order differs there (both are deterministic).
@@ -79,14 +80,6 @@ _CACHE_ENTRIES = 4  # train, val and test of one dataset, plus one spare
 _FLOAT_KEYS = ("depth", "normals", "edge")
 _PAD = {"seg": data_spec.IGNORE_LABEL}
 _IMAGE_LUT = np.arange(256, dtype=np.float32) / np.float32(255.0)
-
-
-def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The tf.data loader's permutation for (seed, epoch): pipeline._epoch_seeds, without importing TensorFlow."""
-    from mtl_sparse_jax.data.pipeline import _epoch_seeds  # noqa: PLC0415  (pipeline imports TF only lazily)
-
-    rng, _, _ = _epoch_seeds(seed, epoch)
-    return rng.permutation(n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +176,7 @@ def _decode_split(data_dir: str, manifest: dict, split: str, entry: dict) -> dic
     try:
         from mtl_sparse_jax.data import pipeline  # noqa: PLC0415
 
-        tf = pipeline._tf()
+        tf = pipeline.tf_module()
     except ImportError:
         raise DataError(
             f"{_sidecar_path(data_dir)} has no arrays for split '{split}' matching its shards, and decoding the "
@@ -195,9 +188,9 @@ def _decode_split(data_dir: str, manifest: dict, split: str, entry: dict) -> dic
     features = list(manifest["features"])
     height, width = manifest["image_size"]
     n = entry["num_examples"]
-    decode = pipeline._make_decoder(features, (height, width), "none", 1.0, True)
+    decode = pipeline.make_decoder(features, (height, width), "none", 1.0, True)
     files = [os.path.join(data_dir, shard["file"]) for shard in entry["shards"]]
-    ds = pipeline._record_dataset(files, shuffle_seed=None, interleave=False)
+    ds = pipeline.record_dataset(files, shuffle_seed=None, interleave=False)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(64)
     out_dir = os.path.join(data_dir, ARRAYS_DIR)
     os.makedirs(out_dir, exist_ok=True)
@@ -221,7 +214,7 @@ def _decode_split(data_dir: str, manifest: dict, split: str, entry: dict) -> dic
                 ids.extend(batch["id"])
                 row += size
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-            raise pipeline._corruption_error(data_dir, manifest, split, e) from None
+            raise pipeline.corruption_error(data_dir, manifest, split, e) from None
         if row != n:
             raise DataError(
                 f"split '{split}' of {data_dir}: the shards hold {row} examples but {data_spec.MANIFEST_NAME} "
@@ -586,12 +579,18 @@ def iterate_batches(
     resident = _device_tables(
         data_dir, manifest, split, features, depth_norm, depth_max_m, float_dtype, with_ids, sharding.mesh
     )
-    if train:
-        mine = _epoch_permutation(seed, epoch, num_total)[process_index::process_count][: steps * batch_size]
-    else:
-        mine = np.arange(num_total)[process_index::process_count]
-        mine = np.concatenate([mine, np.full(steps * batch_size - len(mine), -1)])
-    local_indices = mine.astype(np.int32).reshape(steps, batch_size)
+    from mtl_sparse_jax.data import pipeline  # noqa: PLC0415  (imports TensorFlow only lazily, and not here)
+
+    local_indices = pipeline.example_order(
+        num_total,
+        train=train,
+        seed=seed,
+        epoch=epoch,
+        steps=steps,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    ).astype(np.int32)
     index_sharding = NamedSharding(sharding.mesh, P(None, "data"))
     index_matrix = jax.make_array_from_process_local_data(index_sharding, local_indices)
     return _batches(resident, index_matrix, local_indices, steps, sharding)

@@ -33,13 +33,13 @@ DEPTH_NORMS = ("reference", "fixed", "none")
 DATA_FORMATS = ("shards", "tfds")  # our TFRecord shards + manifest.json | a tfds dataset directory (tfds_source)
 AUTO_CACHE_MAX_BYTES = 1 << 30  # splits whose shards are smaller are decoded once and kept in memory
 STREAM_SHUFFLE_BUFFER = 2048
-_DECODED_CACHE: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
-_DECODED_CACHE_ENTRIES = 4  # train, val and test of one dataset, plus one spare
+DECODED_CACHE: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
+DECODED_CACHE_ENTRIES = 4  # train, val and test of one dataset, plus one spare
 
 _tf_module = None
 
 
-def _tf():
+def tf_module():
     """Imports TensorFlow on first use, with all GPUs hidden from it."""
     global _tf_module
     if _tf_module is None:
@@ -80,14 +80,14 @@ def steps_per_epoch(
 # --------------------------------------------------------------------------------------------------
 
 
-def _pad_values() -> dict:
+def pad_values() -> dict:
     """Fill value of each batch key for padding examples (weight 0)."""
     return {"seg": data_spec.IGNORE_LABEL, "id": b""}
 
 
 def _numpy_percentile_linear(sorted_values, q: float):
     """np.percentile(..., method='linear') of an ascending float64 vector, with numpy's exact arithmetic."""
-    tf = _tf()
+    tf = tf_module()
     n = tf.cast(tf.size(sorted_values), tf.float64)
     quantile = tf.constant(q / 100.0, tf.float64)
     virtual = n * quantile + (1.0 + quantile * (1.0 - 1.0 - 1.0)) - 1.0
@@ -101,9 +101,9 @@ def _numpy_percentile_linear(sorted_values, q: float):
     return tf.where(gamma >= 0.5, b - diff * (1.0 - gamma), a + diff * gamma)
 
 
-def _normalise_depth(depth, depth_norm: str, depth_max_m: float):
+def normalise_depth(depth, depth_norm: str, depth_max_m: float):
     """depth float32 [H,W] in metres -> (normalised float32 [H,W,1], valid uint8 [H,W,1], scale float32 [])."""
-    tf = _tf()
+    tf = tf_module()
     valid = tf.logical_and(depth > 0, tf.math.is_finite(depth))
     if depth_norm == "reference":
         # The reference loader: divide by the image's maximum, then clip to [0.1, p99] of the divided map,
@@ -123,9 +123,9 @@ def _normalise_depth(depth, depth_norm: str, depth_max_m: float):
     return (tf.cast(normalised, tf.float32)[..., None], tf.cast(valid, tf.uint8)[..., None], tf.cast(scale, tf.float32))
 
 
-def _make_decoder(features, image_size, depth_norm: str, depth_max_m: float, with_ids: bool):
+def make_decoder(features, image_size, depth_norm: str, depth_max_m: float, with_ids: bool):
     """serialized tf.train.Example -> dict of compact tensors (uint8 image/seg/valid, float32 maps)."""
-    tf = _tf()
+    tf = tf_module()
     height, width = image_size
     description = {"id": tf.io.FixedLenFeature([], tf.string)}
     for name in features:
@@ -146,7 +146,7 @@ def _make_decoder(features, image_size, depth_norm: str, depth_max_m: float, wit
             elif name == "seg":
                 out["seg"] = tf.ensure_shape(tf.io.decode_png(value, channels=1)[..., 0], [height, width])
             elif name == "depth":
-                out["depth"], out["depth_valid"], out["depth_scale"] = _normalise_depth(
+                out["depth"], out["depth_valid"], out["depth_scale"] = normalise_depth(
                     raw_f32(value, [height, width]), depth_norm, depth_max_m
                 )
             elif name == "normals":
@@ -163,9 +163,9 @@ def _make_decoder(features, image_size, depth_norm: str, depth_max_m: float, wit
     return decode
 
 
-def _finalize_batch(batch):
+def finalize_batch(batch):
     """Compact batched tensors -> the batch contract's dtypes."""
-    tf = _tf()
+    tf = tf_module()
     out = {}
     for key, value in batch.items():
         if key == "image":
@@ -179,10 +179,10 @@ def _finalize_batch(batch):
     return out
 
 
-def _pad_batch_to(batch, batch_size: int):
+def pad_batch_to(batch, batch_size: int):
     """Pads a (possibly short) batch along axis 0 to batch_size with weight-0 examples."""
-    tf = _tf()
-    fills = _pad_values()
+    tf = tf_module()
+    fills = pad_values()
     missing = batch_size - tf.shape(batch["weight"])[0]
     out = {}
     for key, value in batch.items():
@@ -192,16 +192,16 @@ def _pad_batch_to(batch, batch_size: int):
     return out
 
 
-def _zero_batch(element_spec, batch_size: int):
-    tf = _tf()
-    fills = _pad_values()
+def zero_batch(element_spec, batch_size: int):
+    tf = tf_module()
+    fills = pad_values()
     return {
         key: tf.fill([batch_size] + spec.shape[1:].as_list(), tf.constant(fills.get(key, 0), spec.dtype))
         for key, spec in element_spec.items()
     }
 
 
-def _epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
+def epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
     """Everything random about an epoch's order derives from (seed, epoch) and nothing else."""
     sequence = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF])
     file_seed, buffer_seed, permutation_seed = (int(s) & 0x7FFFFFFF for s in sequence.generate_state(3))
@@ -213,8 +213,8 @@ def _epoch_seeds(seed: int, epoch: int) -> tuple[np.random.Generator, int, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _record_dataset(files, *, shuffle_seed: int | None, interleave: bool):
-    tf = _tf()
+def record_dataset(files, *, shuffle_seed: int | None, interleave: bool):
+    tf = tf_module()
     files_ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_seed is not None:
         files_ds = files_ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=False)
@@ -226,12 +226,10 @@ def _record_dataset(files, *, shuffle_seed: int | None, interleave: bool):
     )
 
 
-def _streaming_dataset(
-    files, decode, *, batch_size, train, seed, epoch, process_index, process_count, steps, num_total
-):
-    tf = _tf()
-    _, file_seed, buffer_seed = _epoch_seeds(seed, epoch)
-    ds = _record_dataset(files, shuffle_seed=file_seed if train else None, interleave=train)
+def streaming_dataset(files, decode, *, batch_size, train, seed, epoch, process_index, process_count, steps, num_total):
+    tf = tf_module()
+    _, file_seed, buffer_seed = epoch_seeds(seed, epoch)
+    ds = record_dataset(files, shuffle_seed=file_seed if train else None, interleave=train)
     ds = ds.shard(process_count, process_index)
     if train:
         buffer = min(STREAM_SHUFFLE_BUFFER, max(1, num_total // process_count))
@@ -239,19 +237,19 @@ def _streaming_dataset(
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if train:
         return ds.batch(batch_size, drop_remainder=True)
-    ds = ds.batch(batch_size).map(lambda b: _pad_batch_to(b, batch_size))
+    ds = ds.batch(batch_size).map(lambda b: pad_batch_to(b, batch_size))
     # Every process yields `steps` batches, so a process with one example fewer adds a padding batch.
-    padding = tf.data.Dataset.from_tensors(_zero_batch(ds.element_spec, batch_size)).repeat()
+    padding = tf.data.Dataset.from_tensors(zero_batch(ds.element_spec, batch_size)).repeat()
     return ds.concatenate(padding).take(steps)
 
 
-def _decoded_split(files, decode, cache_key) -> dict:
+def decoded_split(files, decode, cache_key) -> dict:
     """All examples of a split, decoded (compact dtypes), in manifest order, as TF tensors in host memory."""
-    if cache_key in _DECODED_CACHE:
-        _DECODED_CACHE.move_to_end(cache_key)
-        return _DECODED_CACHE[cache_key]
-    tf = _tf()
-    ds = _record_dataset(files, shuffle_seed=None, interleave=False)
+    if cache_key in DECODED_CACHE:
+        DECODED_CACHE.move_to_end(cache_key)
+        return DECODED_CACHE[cache_key]
+    tf = tf_module()
+    ds = record_dataset(files, shuffle_seed=None, interleave=False)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(256)
     parts = collections.defaultdict(list)
     for batch in ds.as_numpy_iterator():
@@ -259,25 +257,53 @@ def _decoded_split(files, decode, cache_key) -> dict:
             parts[key].append(value)
     with tf.device("/CPU:0"):
         arrays = {key: tf.constant(np.concatenate(values, axis=0)) for key, values in parts.items()}
-    _DECODED_CACHE[cache_key] = arrays
-    while len(_DECODED_CACHE) > _DECODED_CACHE_ENTRIES:
-        _DECODED_CACHE.popitem(last=False)
+    DECODED_CACHE[cache_key] = arrays
+    while len(DECODED_CACHE) > DECODED_CACHE_ENTRIES:
+        DECODED_CACHE.popitem(last=False)
     return arrays
 
 
-def _cached_dataset(arrays, *, batch_size, train, seed, epoch, process_index, process_count, steps, num_total):
-    tf = _tf()
+def example_order(
+    num_total: int,
+    *,
+    train: bool,
+    seed: int,
+    epoch: int,
+    steps: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> np.ndarray:
+    """[steps, batch_size] example indices of this process, -1 for padding: the order contract of every loader.
+
+    Training: one permutation drawn from (seed, epoch) alone; step s's global batch is
+    permutation[s·P·B : (s+1)·P·B], process p taking the p-th block of B, so the global batch (rows in process
+    order on the mesh) is the same for any number of processes. Evaluation: example i to process i mod P, the
+    last batch padded with -1.
+    """
     if train:
-        rng, _, _ = _epoch_seeds(seed, epoch)
-        # Step s's global batch is permutation[s*P*B : (s+1)*P*B], process p taking the p-th block of B, so the
-        # global batch (rows in process order on the mesh) is the same for any number of processes.
+        rng, _, _ = epoch_seeds(seed, epoch)
         order = rng.permutation(num_total)[: steps * process_count * batch_size]
         mine = order.reshape(steps, process_count, batch_size)[:, process_index].reshape(-1)
     else:
         mine = np.arange(num_total)[process_index::process_count]
         mine = np.concatenate([mine, np.full(steps * batch_size - len(mine), -1)])
-    index_batches = mine.astype(np.int64).reshape(steps, batch_size)
-    fills = _pad_values()
+    return mine.astype(np.int64).reshape(steps, batch_size)
+
+
+def cached_dataset(arrays, *, batch_size, train, seed, epoch, process_index, process_count, steps, num_total):
+    tf = tf_module()
+    index_batches = example_order(
+        num_total,
+        train=train,
+        seed=seed,
+        epoch=epoch,
+        steps=steps,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    fills = pad_values()
 
     def gather(indices):
         present = indices >= 0
@@ -381,8 +407,8 @@ def make_dataset(
         )
     files = [os.path.join(data_dir, shard["file"]) for shard in entry["shards"]]
     image_size = tuple(manifest["image_size"])
-    tf = _tf()
-    decode = _make_decoder(features, image_size, depth_norm, float(depth_max_m), with_ids)
+    tf = tf_module()
+    decode = make_decoder(features, image_size, depth_norm, float(depth_max_m), with_ids)
     split_bytes = sum(shard["bytes"] for shard in entry["shards"])
     if cache is None:
         cache = split_bytes < AUTO_CACHE_MAX_BYTES
@@ -407,13 +433,13 @@ def make_dataset(
             tuple((s["file"], s["sha256"], s["bytes"]) for s in entry["shards"]),
         )
         try:
-            arrays = _decoded_split(files, decode, cache_key)
+            arrays = decoded_split(files, decode, cache_key)
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-            raise _corruption_error(data_dir, manifest, split, e) from None
-        ds = _cached_dataset(arrays, **layout)
+            raise corruption_error(data_dir, manifest, split, e) from None
+        ds = cached_dataset(arrays, **layout)
     else:
-        ds = _streaming_dataset(files, decode, **layout)
-    ds = ds.map(_finalize_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = streaming_dataset(files, decode, **layout)
+    ds = ds.map(finalize_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
     ds = ds.with_options(options)
@@ -467,19 +493,19 @@ def iterate_batches(
         from mtl_sparse_jax.data import tfds_source  # noqa: PLC0415
 
         return tfds_source.numpy_batches(ds, data_dir, split)
-    return _numpy_batches(ds, data_dir, split)
+    return numpy_batches(ds, data_dir, split)
 
 
-def _numpy_batches(ds, data_dir: str, split: str) -> Iterator[dict]:
-    tf = _tf()
+def numpy_batches(ds, data_dir: str, split: str) -> Iterator[dict]:
+    tf = tf_module()
     try:
         yield from ds.as_numpy_iterator()
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
         manifest = data_spec.load_manifest(data_dir, verify="none")
-        raise _corruption_error(data_dir, manifest, split, e) from None
+        raise corruption_error(data_dir, manifest, split, e) from None
 
 
-def _corruption_error(data_dir, manifest, split, error) -> DataError:
+def corruption_error(data_dir, manifest, split, error) -> DataError:
     """Finds the shard that fails its checksum, to name it; falls back to the split."""
     try:
         data_spec.verify_split_shards(data_dir, manifest, split, verify="sha256")

@@ -2,8 +2,8 @@
 
 `pipeline.make_dataset(..., data_format='tfds')` comes here. The batches follow the same contract as the
 TFRecord path (see `pipeline`'s docstring): the same keys, dtypes, depth normalisation, order (evaluation: the
-split's order, example i to process i mod P; training: one permutation drawn from (seed, epoch), dealt
-round-robin) and padding (weight-0 examples, `seg` 255). The helpers that define those contracts are the
+split's order, example i to process i mod P; training: one permutation drawn from (seed, epoch), cut into
+global batches, see `pipeline.example_order`) and padding (weight-0 examples, `seg` 255). The helpers that define those contracts are the
 pipeline's own, so the two paths cannot drift apart.
 
 `features` maps our feature names (`image` and the task targets: `seg`, `depth`, `normals`, `edge`, `male`,
@@ -55,7 +55,7 @@ def feature_names(features=None) -> dict[str, str]:
 
 
 def _builder(data_dir: str):
-    pipeline._tf()  # hides the GPUs from TensorFlow before tfds touches it
+    pipeline.tf_module()  # hides the GPUs from TensorFlow before tfds touches it
     import tensorflow_datasets as tfds  # noqa: PLC0415
 
     data_dir = os.fspath(data_dir)
@@ -207,7 +207,7 @@ def _needed(builder, tasks, names: dict, image_size, data_dir: str) -> dict[str,
 
 def _make_decoder(needed, image_size, depth_norm: str, depth_max_m: float, id_key: str | None):
     """Undecoded tfds example -> the same compact tensors as pipeline's decoder (uint8 image, float32 maps)."""
-    tf = pipeline._tf()
+    tf = pipeline.tf_module()
     height, width = image_size
 
     def decode(example):
@@ -221,7 +221,7 @@ def _make_decoder(needed, image_size, depth_norm: str, depth_max_m: float, id_ke
                 out["seg"] = value if value.dtype == tf.uint8 else tf.cast(value, tf.int32)
             elif ours == "depth":
                 depth = tf.reshape(tf.cast(value, tf.float32), [height, width])
-                out["depth"], out["depth_valid"], out["depth_scale"] = pipeline._normalise_depth(
+                out["depth"], out["depth_valid"], out["depth_scale"] = pipeline.normalise_depth(
                     depth, depth_norm, depth_max_m
                 )
             elif ours == "normals":
@@ -276,11 +276,11 @@ def _read(builder, split: str, needed, id_key, *, shuffle_seed: int | None, cycl
 
 def _decoded_split(builder, split, needed, id_key, decode, cache_key) -> dict:
     """All examples of a split, decoded (compact dtypes), in the split's order, as TF tensors in host memory."""
-    cache = pipeline._DECODED_CACHE
+    cache = pipeline.DECODED_CACHE
     if cache_key in cache:
         cache.move_to_end(cache_key)
         return cache[cache_key]
-    tf = pipeline._tf()
+    tf = pipeline.tf_module()
     ds = _read(builder, split, needed, id_key, shuffle_seed=None, cycle_length=1)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(256)
     parts = collections.defaultdict(list)
@@ -290,7 +290,7 @@ def _decoded_split(builder, split, needed, id_key, decode, cache_key) -> dict:
     with tf.device("/CPU:0"):
         arrays = {key: tf.constant(np.concatenate(values, axis=0)) for key, values in parts.items()}
     cache[cache_key] = arrays
-    while len(cache) > pipeline._DECODED_CACHE_ENTRIES:
+    while len(cache) > pipeline.DECODED_CACHE_ENTRIES:
         cache.popitem(last=False)
     return arrays
 
@@ -312,9 +312,9 @@ def _streaming_dataset(
     steps,
     num_total,
 ):
-    """pipeline._streaming_dataset over tfds's reader: seeded file shuffle and buffer, round-robin, padding."""
-    tf = pipeline._tf()
-    _, file_seed, buffer_seed = pipeline._epoch_seeds(seed, epoch)
+    """pipeline.streaming_dataset over tfds's reader: seeded file shuffle and buffer, round-robin, padding."""
+    tf = pipeline.tf_module()
+    _, file_seed, buffer_seed = pipeline.epoch_seeds(seed, epoch)
     cycle = min(4, num_shards) if train else 1
     ds = _read(builder, split, needed, id_key, shuffle_seed=file_seed if train else None, cycle_length=cycle)
     ds = ds.shard(process_count, process_index)
@@ -324,8 +324,8 @@ def _streaming_dataset(
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if train:
         return ds.batch(batch_size, drop_remainder=True)
-    ds = ds.batch(batch_size).map(lambda b: pipeline._pad_batch_to(b, batch_size))
-    padding = tf.data.Dataset.from_tensors(pipeline._zero_batch(ds.element_spec, batch_size)).repeat()
+    ds = ds.batch(batch_size).map(lambda b: pipeline.pad_batch_to(b, batch_size))
+    padding = tf.data.Dataset.from_tensors(pipeline.zero_batch(ds.element_spec, batch_size)).repeat()
     return ds.concatenate(padding).take(steps)
 
 
@@ -371,7 +371,7 @@ def make_dataset(
             f"split '{split}' of {data_dir} has {num_total} examples, fewer than one batch of "
             f"{batch_size} per process for {process_count} process(es); lower the batch size"
         )
-    tf = pipeline._tf()
+    tf = pipeline.tf_module()
     decode = _make_decoder(needed, image_size, depth_norm, float(depth_max_m), id_key)
     if cache is None:
         cache = int(split_info.num_bytes) < pipeline.AUTO_CACHE_MAX_BYTES
@@ -402,10 +402,10 @@ def make_dataset(
             arrays = _decoded_split(builder, split, needed, id_key, decode, cache_key)
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
             raise _decode_error(data_dir, split, e) from None
-        ds = pipeline._cached_dataset(arrays, **layout)
+        ds = pipeline.cached_dataset(arrays, **layout)
     else:
         ds = _streaming_dataset(builder, split, needed, id_key, decode, int(split_info.num_shards), **layout)
-    ds = ds.map(pipeline._finalize_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(pipeline.finalize_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
     ds = ds.with_options(options)
@@ -414,7 +414,7 @@ def make_dataset(
 
 def numpy_batches(ds, data_dir: str, split: str):
     """Iterates `ds` as dicts of numpy arrays; a shard that cannot be decoded raises DataError naming the split."""
-    tf = pipeline._tf()
+    tf = pipeline.tf_module()
     try:
         yield from ds.as_numpy_iterator()
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
