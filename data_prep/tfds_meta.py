@@ -107,6 +107,18 @@ def write_tfds_metadata(out_dir: str, *, check: bool = True) -> list[str]:
     the manifest lists. check=True then reads the first example of every split back through
     `tfds.builder_from_directory`, as `write_metadata(check_data=True)` would.
     """
+    from absl import logging as absl_logging  # noqa: PLC0415
+
+    # tfds warns about its own deprecated FeatureConnector.dtype while describing features: noise for our users.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        return _write_tfds_metadata(out_dir, check=check)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+def _write_tfds_metadata(out_dir: str, *, check: bool) -> list[str]:
     import tensorflow_datasets as tfds  # noqa: PLC0415
     from tensorflow_datasets.core import naming  # noqa: PLC0415
 

@@ -170,6 +170,7 @@ def main(argv):
 
             benchmark.run_from_workdir(config, FLAGS.workdir)
             return
+        config_utils.validate(config)  # before anything (the demo data included) is written
         prepare_demo_data(config)
         if FLAGS.mode == "train":
             training.train_and_evaluate(config, FLAGS.workdir)
