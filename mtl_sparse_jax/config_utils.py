@@ -84,6 +84,7 @@ RESUMABLE_KEYS = (
     "optimizer.lr",
     "sparsity.lam",
     "data.verify",
+    "data.loader",
     "data.generate_if_missing",
     "early_stopping.patience",
     "early_stopping.task_patience",
