@@ -413,7 +413,7 @@ def meta_test(config, workdir: str) -> list[dict]:
                     "sparsity/group": float(sp["group_sparsity"]),
                 }
             )
-            print(f"meta-test {task} [{init}]: {report.postfix(test, spec.task_map)}", flush=True)
+            print(f"meta-test {task} [{init}]: {report.postfix(rows[-1], spec.task_map)}", flush=True)
     report.JsonlWriter(os.path.join(out, "curves.jsonl")).rewrite(curves)
     report.write_json(os.path.join(out, "meta_test.json"), rows)
     write_meta_test_table(rows, os.path.join(out, "meta_test.md"))
