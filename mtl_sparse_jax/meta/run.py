@@ -413,7 +413,8 @@ def meta_test(config, workdir: str) -> list[dict]:
                     "sparsity/group": float(sp["group_sparsity"]),
                 }
             )
-            print(f"meta-test {task} [{init}]: {report.postfix(rows[-1], spec.task_map)}", flush=True)
+            shown = {k: v for k, v in test.items() if k.startswith(f"{task}/") or k == f"loss/{task}"}
+            print(f"meta-test {task} [{init}]: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
     report.JsonlWriter(os.path.join(out, "curves.jsonl")).rewrite(curves)
     report.write_json(os.path.join(out, "meta_test.json"), rows)
     write_meta_test_table(rows, os.path.join(out, "meta_test.md"))
