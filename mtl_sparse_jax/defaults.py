@@ -97,4 +97,27 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.progress = True  # one progress bar per epoch
     c.log.train_metrics = True  # task metrics on train batches (train-mode outputs, as the reference)
 
+    # Meta-sparsity (python -m mtl_sparse_jax.main --mode meta_train|meta_test, or meta.enabled with --mode train):
+    # λ = exp(ρ) is learned by a MAML-style outer loop that differentiates through the proximal inner steps.
+    # `tasks` are the meta-training tasks; `meta.test_tasks` are held out and get new heads at meta-test.
+    c.meta = ml_collections.ConfigDict()
+    c.meta.enabled = False  # True: --mode train runs meta-training, then meta-test
+    c.meta.min_tasks = 1  # episodes draw a subset of `tasks` of at least this size, uniformly
+    c.meta.query_split = "val"  # split of the query batches (support = one train batch)
+    c.meta.inner_steps = 1  # K proximal steps per episode on the support batch
+    c.meta.inner_optimizer = "prox_adamw"  # 'prox_adamw' (fresh moments each episode) | 'sgd' (+ group_lasso_prox)
+    c.meta.inner_lr = 1e-3
+    c.meta.order = "second"  # 'second' (through the unrolled steps) | 'first' (FOMAML: ρ gets λ·Ω(θ_K) only)
+    c.meta.remat = True  # jax.checkpoint each inner step (memory of one step's activations)
+    c.meta.penalty_in_outer = False  # add λ·Ω(θ_K) to the query loss, as the reference's development code
+    c.meta.lam_init = 1e-3  # initial λ (> 0)
+    c.meta.lam_lr = 0.05  # Adam lr of ρ = log λ
+    c.meta.outer_every = 1  # episodes whose meta-gradients are averaged per outer step
+    c.meta.test_tasks = ()  # unseen tasks for meta-test, e.g. ('edge',)
+    c.meta.test_fraction = 0.5  # part of the train split the unseen task is fine-tuned on
+    c.meta.finetune = "all"  # 'all' (backbone and head) | 'head' (backbone frozen)
+    c.meta.test_steps = 200  # fine-tuning steps per unseen task and initialisation
+    c.meta.test_eval_every = 25  # validation points of the learning curves
+    c.meta.baseline_workdir = ""  # an ordinary sparse MTL run to compare; '' trains one in <workdir>/mtl_baseline
+
     return c

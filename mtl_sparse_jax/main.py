@@ -3,6 +3,7 @@
 python -m mtl_sparse_jax.main --config configs/nyu.py --workdir runs/nyu [--config.sparsity.lam=1e-6]
 python -m mtl_sparse_jax.main --mode eval --workdir runs/nyu
 python -m mtl_sparse_jax.main --mode bench --workdir runs/nyu
+python -m mtl_sparse_jax.main --config configs/meta_demo.py --workdir runs/meta_demo   [--mode meta_train|meta_test]
 
 Several processes (one per host, see launch.sh and the README's "Several hosts"): under SLURM or Open MPI the
 runtime finds the others by itself; by hand, give --coordinator_address, --num_processes and --process_id.
@@ -24,7 +25,12 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/nyu.py; --config.a.b=v overrides a field.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "bench"], "train (resumes), eval (test split) or bench.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "bench", "meta_train", "meta_test"],
+    "train (resumes; meta-training then meta-test when meta.enabled), eval (test split), bench, meta_train, meta_test.",
+)
 flags.DEFINE_bool("debug", False, cli.DEBUG_HELP)
 flags.DEFINE_enum(
     "distributed",
@@ -162,7 +168,7 @@ def main(argv):
     try:
         config = FLAGS.config
         if config is None:
-            if FLAGS.mode == "train":
+            if FLAGS.mode in ("train", "meta_train"):
                 _fail("--config is required for training, e.g. --config configs/demo.py")
             config = config_utils.load(os.path.join(FLAGS.workdir, "config.json"))
         if FLAGS.mode == "bench":
@@ -172,6 +178,20 @@ def main(argv):
             return
         config_utils.validate(config)  # before anything (the demo data included) is written
         prepare_demo_data(config)
+        if FLAGS.mode in ("meta_train", "meta_test") or (FLAGS.mode == "train" and config.meta.enabled):
+            from mtl_sparse_jax.meta import run as meta_run
+
+            if FLAGS.mode in ("train", "meta_train"):
+                summary = meta_run.meta_train(config, FLAGS.workdir)
+                print(
+                    f"meta-train: λ {summary['lam_init']:.3g} -> {summary['lam_final']:.3g}, "
+                    f"group sparsity {summary['sparsity/group']:.1f}%"
+                )
+            if FLAGS.mode == "meta_test" or (FLAGS.mode == "train" and config.meta.test_tasks):
+                meta_run.meta_test(config, FLAGS.workdir)
+                with open(os.path.join(FLAGS.workdir, "meta_test", "meta_test.md")) as f:
+                    print(f.read())
+            return
         if FLAGS.mode == "train":
             training.train_and_evaluate(config, FLAGS.workdir)
         else:

@@ -64,7 +64,8 @@ def prox_group_l2(x, tau, *, axis: int):
     cdt = _compute_dtype(x)
     xf = x.astype(cdt)
     tau = _per_group(tau, xf.ndim, axis, cdt)
-    nrm = jnp.sqrt(jnp.sum(xf * xf, axis=_other_axes(xf.ndim, axis), keepdims=True))
+    # The zero-safe norm keeps the derivative of an all-zero group finite (0), for differentiated updates.
+    nrm = safe_group_norms(xf, axis=axis, keepdims=True)
     keep = nrm > tau
     # (‖x‖ − τ)/‖x‖ rather than 1 − τ/‖x‖: the difference is exact near the threshold.
     scale = jnp.where(keep, (nrm - tau) / jnp.where(keep, nrm, 1.0), 0.0)

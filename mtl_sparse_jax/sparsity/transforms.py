@@ -40,9 +40,22 @@ class GroupLassoProxState(NamedTuple):
 
 
 def _value_at(v, count):
-    """A hyperparameter's value at step ``count``: schedules are called, numbers pass through, as float32."""
-    v = v(count) if callable(v) else v
-    return jnp.asarray(v, jnp.float32)
+    """A hyperparameter's value at step ``count``: schedules are called, numbers pass through, as float32
+    (float64 when the value is float64, so that λ can be differentiated in double precision)."""
+    v = jnp.asarray(v(count) if callable(v) else v)
+    return v.astype(jnp.promote_types(v.dtype, jnp.float32))
+
+
+def _compute_dtype(x):
+    """float32, or float64 for float64 leaves."""
+    return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def _sqrt_zero_safe(v):
+    """√v with derivative 0 (not inf) at v = 0. The forward value is the same; the derivative matters when an
+    update is differentiated (learned λ) and a gradient element is exactly zero, where 0·∞ would give NaN."""
+    pos = v > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
 
 
 def _one_minus(b):
@@ -111,14 +124,14 @@ def prox_adamw(
 
     Returns:
       An ``optax.GradientTransformation``; ``update(grads, state, params)`` needs the params. Updates have the
-      params' dtypes; the moments are float32.
+      params' dtypes; the moments are float32 (float64 for float64 params).
     """
     if prox not in PROX_ADAMW_MODES:
         raise ValueError(f"prox must be one of {PROX_ADAMW_MODES}, got {prox!r}")
 
     def init_fn(params):
         groups_lib.resolve_group_axes(group_axes, params)  # fail early on a mismatched tree
-        zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
+        zeros = lambda p: jnp.zeros(jnp.shape(p), _compute_dtype(p))
         return ProxAdamWState(
             count=jnp.zeros([], jnp.int32),
             mu=jax.tree_util.tree_map(zeros, params),
@@ -138,12 +151,12 @@ def prox_adamw(
         t = count.astype(jnp.float32)
         alpha = lr * jnp.sqrt(_bias_correction(c2, t)) / _bias_correction(c1, t)
 
-        mu = jax.tree_util.tree_map(lambda m, g: beta1 * m + c1 * g.astype(jnp.float32), state.mu, grads)
-        nu = jax.tree_util.tree_map(lambda v, g: beta2 * v + c2 * jnp.square(g.astype(jnp.float32)), state.nu, grads)
+        mu = jax.tree_util.tree_map(lambda m, g: beta1 * m + c1 * g.astype(m.dtype), state.mu, grads)
+        nu = jax.tree_util.tree_map(lambda v, g: beta2 * v + c2 * jnp.square(g.astype(v.dtype)), state.nu, grads)
 
         def leaf_update(axis, p, m, v):
-            p32 = jnp.asarray(p).astype(jnp.float32)
-            d = jnp.sqrt(v) + eps_
+            p32 = jnp.asarray(p).astype(_compute_dtype(p))
+            d = _sqrt_zero_safe(v) + eps_
             new = p32 - alpha * m / d
             new = new - lr * wd * new
             if axis is not None and prox != "none":
@@ -196,8 +209,8 @@ def group_lasso_prox(
         def leaf_update(axis, u, p):
             if axis is None:
                 return u
-            p32 = jnp.asarray(p).astype(jnp.float32)
-            x = p32 + jnp.asarray(u).astype(jnp.float32)
+            p32 = jnp.asarray(p).astype(_compute_dtype(p))
+            x = p32 + jnp.asarray(u).astype(p32.dtype)
             if mode == "l1":
                 z = prox_lib.prox_l1(x, lr * lam_t)
             else:

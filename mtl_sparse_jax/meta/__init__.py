@@ -1,0 +1,1 @@
+"""Meta-sparsity: learning the group-lasso strength λ with a MAML-style outer loop (see `core`)."""
