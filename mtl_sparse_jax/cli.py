@@ -99,6 +99,7 @@ def _defined_in(exc: BaseException, *packages: str) -> bool:
     return False
 
 
+_DISK_FULL_IN_MESSAGE = re.compile(r'Error writing (?:local )?file "([^"]+)"')
 _ERRNO_IN_MESSAGE = re.compile(r"\[Errno (\d+)\] ([^:\]]+): '([^']+)'")
 
 
@@ -152,6 +153,10 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return "out of memory; use a smaller batch, fewer --workers or a machine with more memory", EXIT_BAD_INPUT
     if isinstance(exc, OSError):
         return _os_error_line(exc), EXIT_BAD_INPUT
+    full = _DISK_FULL_IN_MESSAGE.search(str(exc))
+    if full and ("RESOURCE_EXHAUSTED" in str(exc) or "No space left" in str(exc) or "Disk quota" in str(exc)):
+        # tensorstore (orbax's writer) reports a full disk as a ValueError: RESOURCE_EXHAUSTED: Error writing ...
+        return f"{full.group(1)}: no space left on device (disk full or over quota); {_DISK_FULL_FIX}", EXIT_BAD_INPUT
     if _defined_in(exc, "tensorflow"):
         return _tensorflow_line(exc), EXIT_BAD_INPUT
     if type(exc).__name__ == "BrokenProcessPool":

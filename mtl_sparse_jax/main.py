@@ -153,7 +153,9 @@ def main(argv):
 
     from absl import logging
 
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the console shows progress bars
+    # orbax logs every save at INFO, and its writer threads log a failed write at ERROR before the error reaches the
+    # boundary, which reports it as one line; the console shows progress bars and our own messages.
+    logging.set_verbosity(logging.FATAL)
     import jax  # after flag parsing, so --help is fast
 
     init_distributed()
@@ -216,4 +218,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run_absl(main))
+    code = cli.run_absl(main)
+    if code:
+        # After an error, leave without the interpreter's shutdown: orbax's and JAX's background threads would print
+        # their own tracebacks behind the one-line error.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
