@@ -26,11 +26,11 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     """Yields a temporary path next to `path`; on success it is renamed to `path`, on error removed.
 
     For writers that want a file name (matplotlib's savefig, numpy's savez, orbax-free tools). `suffix` keeps a
-    file extension that a writer insists on (e.g. '.png', '.npz').
+    file extension that a writer insists on (e.g. '.png', '.npz'): the temporary name ends with it.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=suffix + ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix)
     os.close(fd)
     try:
         yield tmp
