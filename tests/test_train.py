@@ -24,15 +24,7 @@ def tiny_config(data_dir, **overrides):
     """tests/tiny_config.py (also used by the CLI tests) with data.dir and dotted-key overrides."""
     import tiny_config as tiny
 
-    c = tiny.get_config()
-    c.data.dir = str(data_dir)
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return tiny.with_overrides(data_dir, **overrides)
 
 
 @pytest.fixture(scope="module")

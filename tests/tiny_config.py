@@ -24,3 +24,16 @@ def get_config():
     c.early_stopping.task_patience = 0
     c.log.progress = False
     return c
+
+
+def with_overrides(data_dir, **overrides):
+    """get_config() with data.dir set and dotted-key overrides, e.g. with_overrides(d, **{"optimizer.lr": 1e-3})."""
+    c = get_config()
+    c.data.dir = str(data_dir)
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
