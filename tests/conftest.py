@@ -14,7 +14,15 @@ import os
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# The flags of the test processes themselves. pytest-xdist's workers inherit the environment of the process that
+# started them, after this file has already rewritten XLA_FLAGS for subprocesses, so the original flags travel in
+# a variable of their own.
+_IN_PROCESS = "MTL_SPARSE_TEST_XLA_FLAGS"
+os.environ.setdefault(
+    _IN_PROCESS,
+    os.environ.get("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"),
+)
+os.environ["XLA_FLAGS"] = os.environ[_IN_PROCESS]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".pytest_cache", "xla"))
