@@ -25,7 +25,6 @@ task combination; its report adds `tables/lomt_vs_mtl.md` (`write_comparison`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -335,6 +334,131 @@ def write_selection(result: dict, out: str) -> list[str]:
         plot_pattern(task, entry, result["convs"], result["input_channels"], png)
         written.append(png)
     return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Comparison of LOMT and conventional MTL (the report of a lomt_vs_mtl sweep)
+
+
+def measure_model(config, run_dir: str, image_size: int) -> dict:
+    """XLA FLOPs and the compiled eval forward (batch 1, float32) of a run's best checkpoint, heads included."""
+    import jax
+    import jax.numpy as jnp
+
+    from mtl_sparse_jax import benchmark
+
+    model, params, batch_stats, _ = benchmark.restore_best(config, run_dir)
+    variables = {"params": jax.device_get(params), "batch_stats": jax.device_get(batch_stats)}
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return benchmark.compile_ahead(lambda v, x: model.apply(v, x, train=False), variables, x)
+
+
+def comparison_rows(sweep, summary: dict, workdir: str, *, bench: bool = True, repeats: int = 10) -> list[dict]:
+    """One row per task of every task set that the sweep ran both as conventional MTL and as LOMT (same λ and
+    prox): each model's paper metric, Δ (%) of LOMT over MTL for the task and Δm over the set, and each model's
+    XLA FLOPs and median latency (batch 1, fp32, the two models timed alternately)."""
+    from mtl_sparse_jax import metrics as metrics_lib
+    from mtl_sparse_jax.experiments import sweep as sweep_lib
+    from mtl_sparse_jax.experiments import tables
+
+    by_name = {c["name"]: c for c in summary["cells"]}
+    cells = {c.name: c for c in sweep.cells}
+    columns = {col.split("/")[0]: col for col in tables.paper_columns(summary)}
+    groups: dict[tuple, dict[str, str]] = {}
+    for cell in sweep.cells:
+        kind = "lomt" if model_taps(cell.config) else "mtl"
+        groups.setdefault((cell.tasks, cell.lam, cell.prox), {})[kind] = cell.name
+    rows = []
+    for (tasks, lam, prox), pair in groups.items():
+        if set(pair) != {"mtl", "lomt"}:
+            continue
+        mtl, lo = by_name[pair["mtl"]], by_name[pair["lomt"]]
+        if not (mtl["trials_done"] and lo["trials_done"]):
+            continue
+        cols = [columns[t] for t in tasks if t in columns]
+        dirs = tables.directions(cols)
+        got = {
+            k: {c: s["metrics"][c]["mean"] for c in cols if c in s["metrics"]} for k, s in (("mtl", mtl), ("lomt", lo))
+        }
+        both = [c for c in cols if c in got["mtl"] and c in got["lomt"] and c in dirs]
+        dm = metrics_lib.delta_m(got["lomt"], got["mtl"], {c: dirs[c] for c in both}) if both else None
+        cost = {"mtl": {}, "lomt": {}}
+        if bench:
+            from mtl_sparse_jax import benchmark
+
+            size = _image_size(cells[pair["mtl"]].config)
+            compiled = {
+                k: measure_model(cells[pair[k]].config, sweep_lib.cell_dir(workdir, cells[pair[k]]), size)
+                for k in ("mtl", "lomt")
+            }
+            times = benchmark.time_interleaved(compiled, repeats=repeats)
+            for k in compiled:
+                cost[k] = {"flops": compiled[k].flops, "latency_ms": float(np.median(times[k]))}
+        taps = dict(model_taps(cells[pair["lomt"]].config))
+        for col in cols:
+            task = col.split("/")[0]
+            one = (
+                metrics_lib.delta_m({col: got["lomt"][col]}, {col: got["mtl"][col]}, {col: dirs[col]})
+                if col in both
+                else None
+            )
+            rows.append(
+                {
+                    "tasks": list(tasks),
+                    "lam": lam,
+                    "task": task,
+                    "metric": col,
+                    "tap": taps.get(task, ""),
+                    "mtl": mtl["metrics"].get(col),
+                    "lomt": lo["metrics"].get(col),
+                    "delta": one,
+                    "delta_m": dm,
+                    "trials": [mtl["trials_done"], lo["trials_done"]],
+                    "flops": [cost["mtl"].get("flops"), cost["lomt"].get("flops")],
+                    "latency_ms": [cost["mtl"].get("latency_ms"), cost["lomt"].get("latency_ms")],
+                }
+            )
+    return rows
+
+
+def comparison_markdown(rows: Sequence[Mapping]) -> str:
+    def metric(m):
+        return "—" if m is None else f"{m['mean']:.4f} ± {m['std']:.4f}"
+
+    def num(x, fmt):
+        return "—" if x is None else format(x, fmt)
+
+    lines = [
+        "| tasks | λ | task | tap | metric | MTL | LOMT | Δ task (%) | Δm set (%) | MFLOPs MTL / LOMT | ms MTL / LOMT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        flops = " / ".join(num(None if f is None else f / 1e6, ".1f") for f in r["flops"])
+        ms = " / ".join(num(t, ".2f") for t in r["latency_ms"])
+        lines.append(
+            f"| {'+'.join(r['tasks'])} | {r['lam']:g} | {r['task']} | `{r['tap']}` | `{r['metric']}` | "
+            f"{metric(r['mtl'])} | {metric(r['lomt'])} | {num(r['delta'], '+.2f')} | {num(r['delta_m'], '+.2f')} | "
+            f"{flops} | {ms} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(sweep, summary: dict, workdir: str, *, bench: bool = True, repeats: int = 10) -> list[str]:
+    """WORKDIR/tables/lomt_vs_mtl.{md,json} when the sweep pairs LOMT and conventional cells; else nothing."""
+    if not any(model_taps(c.config) for c in sweep.cells):
+        return []
+    rows = comparison_rows(sweep, summary, workdir, bench=bench, repeats=repeats)
+    if not rows:
+        return []
+    out = os.path.join(workdir, "tables")
+    head = (
+        "LOMT against conventional MTL: each task's paper metric (mean ± std over trials), Δ of LOMT over MTL "
+        "(positive: LOMT better), and each model's XLA FLOPs and median latency (batch 1, fp32, eval forward "
+        "with heads).\n\n"
+    )
+    fileio.write_text(os.path.join(out, "lomt_vs_mtl.md"), head + comparison_markdown(rows))
+    fileio.write_json(os.path.join(out, "lomt_vs_mtl.json"), rows, indent=1)
+    return [os.path.join(out, "lomt_vs_mtl.md"), os.path.join(out, "lomt_vs_mtl.json")]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mtl_sparse_jax import lomt
 from mtl_sparse_jax.experiments import sweep as sweep_lib
 from mtl_sparse_jax.experiments import tables
 
@@ -335,6 +336,7 @@ def write_report(sweep: sweep_lib.Sweep, workdir: str, *, bench: bool = True, re
     written = [os.path.join(workdir, "summary.json")]
     written += tables.write_tables(summary, workdir)
     written += write_figures(sweep, summary, workdir, bench=bench, repeats=repeats)
+    written += lomt.write_comparison(sweep, summary, workdir, bench=bench, repeats=repeats)
     for p in written:
         log(f"wrote {p}")
     return summary
