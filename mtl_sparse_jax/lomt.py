@@ -223,11 +223,8 @@ def tap_shape(config, tap: str, image_size: int) -> tuple[int, tuple[int, int]]:
         outputs=(tap,),
     )
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    out = jax.eval_shape(
-        lambda v, x: backbone.apply(v, x, train=False),
-        jax.eval_shape(backbone.init, jax.random.PRNGKey(0), x, train=False),
-        x,
-    )
+    variables = jax.eval_shape(lambda x: backbone.init(jax.random.PRNGKey(0), x, train=False), x)
+    out = jax.eval_shape(lambda v, x: backbone.apply(v, x, train=False), variables, x)
     shape = out[tap].shape
     return int(shape[3]), (int(shape[1]), int(shape[2]))
 

@@ -204,9 +204,9 @@ def phase1(tmp_path_factory):
     data = root / "data"
     synthetic.generate(str(data), num_train=16, num_val=8, num_test=8, image_size=32, seed=0, num_classes=6)
     c = tiny_config.with_overrides(
-        data, tasks=("seg",), num_trials=2, num_epochs=1, steps_per_epoch=3, **{"sparsity.lam": 0.05}
+        data, tasks=("seg",), num_trials=2, num_epochs=1, steps_per_epoch=3, **{"sparsity.lam": 0.01}
     )
-    run = root / "phase1" / "seg__lam0.05"
+    run = root / "phase1" / "seg__lam0.01"
     training.train_and_evaluate(c, str(run))
     return root, c
 
@@ -247,7 +247,7 @@ def test_select_command_writes_the_layers_file_and_plot_and_a_config_reads_it(ph
     data = json.loads(out.read_text())
     assert data["agg"] == "all" and data["threshold"] == 0.01 and "rule" in data
     assert (root / "phase1" / "lomt_pattern_seg.png").stat().st_size > 0
-    c2 = config_utils.load(str(root / "phase1" / "seg__lam0.05" / "config.json"))
+    c2 = config_utils.load(str(root / "phase1" / "seg__lam0.01" / "config.json"))
     c2.lomt.layers_file = str(out)
     config_utils.validate(c2)
     assert lomt.model_taps(c2) == (("seg", data["tasks"]["seg"]["tap"]),)
@@ -268,7 +268,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
         config_utils.validate(c)
     assert str(layers) in str(e.value) and "\n" not in str(e.value)
     empty = tmp_path / "phase1"
-    (empty / "seg__lam0.05" / "trial_0").mkdir(parents=True)
+    (empty / "seg__lam0.01" / "trial_0").mkdir(parents=True)
     assert lomt.main(["select", "--phase1", str(empty), "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no finished single-task trial" in err and "\n" not in err

@@ -11,7 +11,7 @@ file. The report adds tables/lomt_vs_mtl.md.
 from configs.sweeps import lomt_phase1_demo
 
 LAYERS_FILE = "runs/lomt_phase1/lomt_layers.json"
-TASK_SETS = [("seg", "depth"), ("seg", "normals", "depth")]
+TASK_SETS = [("seg", "normals"), ("seg", "depth"), ("seg", "normals", "depth")]
 
 
 def base_config():
