@@ -250,7 +250,20 @@ def test_select_command_writes_the_layers_file_and_plot_and_a_config_reads_it(ph
     c2 = config_utils.load(str(root / "phase1" / "seg__lam0.01" / "config.json"))
     c2.lomt.layers_file = str(out)
     config_utils.validate(c2)
-    assert lomt.model_taps(c2) == (("seg", data["tasks"]["seg"]["tap"]),)
+    tap = data["tasks"]["seg"]["tap"]
+    assert lomt.model_taps(c2) == (("seg", tap),)
+    # Phase 2 trains as any run; its backbone params end with the tap's block.
+    from mtl_sparse_jax import training
+
+    c2.num_trials, c2.num_epochs, c2.steps_per_epoch = 1, 1, 2
+    (result,) = training.train_and_evaluate(c2, str(root / "phase2"))
+    assert np.isfinite(result["seg/miou"])
+    backbone = lomt.restore_backbone(str(root / "phase2" / "trial_0"))
+    from mtl_sparse_jax.models import block_names
+
+    blocks = block_names(18)
+    kept = blocks[: blocks.index(tap.split("/")[0]) + 1]
+    assert sorted(k for k in backbone if k.startswith("layer")) == sorted(kept)
 
 
 def test_bad_input_gives_one_line_errors(tmp_path, capsys):

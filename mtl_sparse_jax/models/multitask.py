@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_sparse_jax.models import graph
 from mtl_sparse_jax.models.heads import ClassificationHead, DeepLabHead
 from mtl_sparse_jax.models.resnetd import ResNetD, scaled_width
 
@@ -119,6 +120,15 @@ class MultiTaskModel(nn.Module):
     reference_bn_updates: bool = False
     taps: tuple[tuple[str, str], ...] = ()
     tap_point: str = "relu"
+
+    def backbone_conv_paths(self) -> list[str]:
+        """The backbone's convs in forward order (`graph.conv_paths`): all of them, or those a backbone truncated
+        at the heads' taps keeps."""
+        paths = graph.conv_paths(self.depth)
+        if not self.taps or len(self.taps) < len(self.heads):
+            return paths
+        kept = graph.ancestors(self.depth, self.output_stride, [tap for _, tap in self.taps])
+        return [p for p in paths if p in kept]
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, taps: Sequence[str] = ()):
