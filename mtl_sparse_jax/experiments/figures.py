@@ -197,7 +197,9 @@ def layer_counts(cell: sweep_lib.Cell, workdir: str) -> list[tuple[str, int, int
         for path in models.conv_paths(cell.config.model.depth):
             node = backbone
             for part in path.split("/"):
-                node = node[part]
+                node = node.get(part, {})
+            if "kernel" not in node:
+                continue  # a backbone truncated at the heads' taps (LOMT) ends earlier
             kernel = np.asarray(node["kernel"])  # HWIO; a group is one input channel
             active = int(np.sum(np.any(kernel != 0, axis=(0, 1, 3))))
             out.append((path, active, int(kernel.shape[2])))
