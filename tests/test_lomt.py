@@ -266,6 +266,26 @@ def test_select_command_writes_the_layers_file_and_plot_and_a_config_reads_it(ph
     assert sorted(k for k in backbone if k.startswith("layer")) == sorted(kept)
 
 
+def test_taps_and_tap_point_are_part_of_the_step_spec(tmp_path):
+    import tiny_config
+
+    from mtl_sparse_jax import training
+
+    def spec(**overrides):
+        return training.step_spec(tiny_config.with_overrides(tmp_path, **overrides), devices=jax.devices()[:1])
+
+    taps = "seg=layer2_0/conv1,normals=layer2_0/conv1,depth=layer3_0/conv2"
+    a, b = spec(**{"model.taps": taps}), spec(**{"model.taps": taps, "model.tap_point": "bn"})
+    assert a != b and a.model.taps == (
+        ("seg", "layer2_0/conv1"),
+        ("normals", "layer2_0/conv1"),
+        ("depth", "layer3_0/conv2"),
+    )
+    assert a != spec() and a == spec(**{"model.taps": taps})
+    kept = a.model.backbone_conv_paths()  # the per-layer statistics list the kept convs only
+    assert kept[-1] == "layer3_0/conv2" and "layer3_0/downsample_conv" not in kept and "layer2_1/conv2" in kept
+
+
 def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     import tiny_config
 
@@ -280,6 +300,10 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     with pytest.raises(config_utils.ConfigError, match=r"not for \['depth'\]") as e:
         config_utils.validate(c)
     assert str(layers) in str(e.value) and "\n" not in str(e.value)
+    from mtl_sparse_jax import compaction
+
+    with pytest.raises(compaction.CompactionError, match="not supported"):
+        compaction.compact({}, {}, MultiTaskModel(HEADS, **TINY, taps=TAPS), input_size=(32, 32))
     empty = tmp_path / "phase1"
     (empty / "seg__lam0.01" / "trial_0").mkdir(parents=True)
     assert lomt.main(["select", "--phase1", str(empty), "--out", str(tmp_path / "x.json")]) == 2
