@@ -413,13 +413,11 @@ def _print(line: str) -> None:
 def run_cells(sweep: Sweep, workdir: str, cells: Sequence[Cell], *, log=_print) -> list[Cell]:
     """Runs every unfinished cell of `cells` one after another in this process; returns the cells that failed.
 
-    A cell's run is `training.train_and_evaluate(config, WORKDIR/<cell>)` (after generating the synthetic data on
-    first use when the config sets data.generate_if_missing, as `main` does), which resumes its trials from their
+    A cell's run is `training.train_and_evaluate(config, WORKDIR/<cell>)`, which resumes its trials from their
     checkpoints; the trainer keeps compiled steps between cells whose shapes match (lr and λ are injected
     hyperparameters), so a λ grid compiles once per task set.
     """
     from mtl_sparse_jax import training
-    from mtl_sparse_jax.main import prepare_demo_data
 
     os.makedirs(workdir, exist_ok=True)
     failed = []
@@ -438,7 +436,6 @@ def run_cells(sweep: Sweep, workdir: str, cells: Sequence[Cell], *, log=_print) 
         log(f"[{cell.index}] {cell.name}: {verb}")
         t0 = time.time()
         try:
-            prepare_demo_data(cell.config)
             training.train_and_evaluate(cell.config, d)
         except Exception as e:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
             message = f"{type(e).__name__}: {e}".splitlines()[0]
