@@ -82,6 +82,34 @@ _DISK_FULL_FIX = (
 )
 
 
+def prepare_demo_data(config) -> None:
+    """Generates the synthetic demo dataset on first use (`data.generate_if_missing`) for `main` and `sweep`: process
+    0 writes it, the others wait at a barrier. `data_prep` is imported here only, by the command lines."""
+    import jax
+
+    data = config.data
+    if config.dataset != "synthetic" or not data.generate_if_missing:
+        return
+    manifest = os.path.join(data.dir, "manifest.json")
+    if jax.process_index() == 0 and not os.path.exists(manifest):
+        from data_prep import synthetic
+
+        print(f"generating the synthetic demo dataset in {data.dir} (first use)", flush=True)
+        synthetic.generate(
+            data.dir,
+            num_train=data.synthetic_num_train,
+            num_val=data.synthetic_num_val,
+            num_test=data.synthetic_num_test,
+            image_size=data.synthetic_size,
+            seed=config.seed,
+            num_classes=config.seg_num_classes,
+        )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("demo data ready")
+
+
 def _first_line(text: str, limit: int = 400) -> str:
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     line = lines[0] if lines else ""

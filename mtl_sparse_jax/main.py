@@ -118,33 +118,6 @@ def _connect_collectives() -> None:
     multihost_utils.sync_global_devices("mtl_sparse_jax: all processes started")
 
 
-def prepare_demo_data(config) -> None:
-    """Generates the synthetic demo dataset on first use: process 0 writes it, the others wait at a barrier."""
-    import jax
-
-    data = config.data
-    if config.dataset != "synthetic" or not data.generate_if_missing:
-        return
-    manifest = os.path.join(data.dir, "manifest.json")
-    if jax.process_index() == 0 and not os.path.exists(manifest):
-        from data_prep import synthetic
-
-        print(f"generating the synthetic demo dataset in {data.dir} (first use)", flush=True)
-        synthetic.generate(
-            data.dir,
-            num_train=data.synthetic_num_train,
-            num_val=data.synthetic_num_val,
-            num_test=data.synthetic_num_test,
-            image_size=data.synthetic_size,
-            seed=config.seed,
-            num_classes=config.seg_num_classes,
-        )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("demo data ready")
-
-
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config.sparsity.lam=1e-6")
@@ -179,7 +152,7 @@ def main(argv):
             benchmark.run_from_workdir(config, FLAGS.workdir)
             return
         config_utils.validate(config)  # before anything (the demo data included) is written
-        prepare_demo_data(config)
+        cli.prepare_demo_data(config)
         if FLAGS.mode in ("meta_train", "meta_test") or (FLAGS.mode == "train" and config.meta.enabled):
             from mtl_sparse_jax.meta import run as meta_run
 

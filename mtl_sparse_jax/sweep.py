@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+from mtl_sparse_jax import cli
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -115,6 +117,11 @@ def main(argv=None) -> int:
 
     failed = []
     if not args.report:
+        prepared = set()
+        for cell in cells:  # the demo data, generated on first use as `main` does (data.generate_if_missing)
+            if cell.config.data.dir not in prepared:
+                cli.prepare_demo_data(cell.config)
+                prepared.add(cell.config.data.dir)
         failed = sweep_lib.run_cells(sweep, workdir, cells)
     if args.report or args.cell is None:
         os.makedirs(workdir, exist_ok=True)
@@ -135,4 +142,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -267,7 +267,8 @@ def test_training_without_tensorflow_matches_the_tfdata_loader(tmp_path):
 
     config = tiny_config.get_config()
     config.data.dir, config.data.loader, config.steps_per_epoch = data, "tfdata", 3
-    train.train_and_evaluate(config, str(tmp_path / "tfdata"))
+    # 1 device, as the subprocess below gets from conftest.
+    train.train_and_evaluate(config, str(tmp_path / "tfdata"), devices=jax.devices()[:1])
 
     env = dict(os.environ, PYTHONPATH=ROOT)
     done = subprocess.run(

@@ -26,6 +26,7 @@ import sys
 import time
 
 import pytest
+import subproc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch.sh")
@@ -48,8 +49,9 @@ def _train_args(data_dir, workdir):
     ]
 
 
-def _env():
-    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
+def _env(devices=8):
+    """1 process fakes 8 CPU devices, as the in-process tests do (conftest gives subprocesses 1 otherwise)."""
+    return subproc.device_env(devices, PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
 
 
 def _start(launch_args, log):
@@ -121,7 +123,6 @@ def two_processes(data_dir, tmp_path_factory):
     workdir = root / "work"
     args = _train_args(data_dir, workdir)
     port = _free_port()
-    env_flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
     procs = []
     for i in range(2):
         procs.append(
@@ -129,7 +130,7 @@ def two_processes(data_dir, tmp_path_factory):
                 [LAUNCH, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--"]
                 + args,
                 cwd=REPO,
-                env={**_env(), "XLA_FLAGS": f"{env_flags} --xla_force_host_platform_device_count=4"},
+                env=_env(devices=4),
                 stdout=open(root / f"killed_{i}.log", "w"),
                 stderr=subprocess.STDOUT,
             )

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import subproc
 
 from mtl_sparse_jax import sweep as cli
 from mtl_sparse_jax.experiments import sweep as sweep_lib
@@ -32,6 +33,11 @@ from mtl_sparse_jax.experiments.sweep import grid, union
 def get_sweep():
     c = tiny_config.get_config()
     c.data.dir = {data!r}
+    c.data.generate_if_missing = True  # the first sweep run generates it, as the demo sweep does from a fresh clone
+    c.data.synthetic_size = 32
+    c.data.synthetic_num_train = 24
+    c.data.synthetic_num_val = 11
+    c.data.synthetic_num_test = 13
     c.tasks = ("seg", "depth")
     c.num_epochs = 2
     c.steps_per_epoch = 2
@@ -45,11 +51,8 @@ def get_sweep():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from data_prep import synthetic
-
-    d = tmp_path_factory.mktemp("synthetic")
-    synthetic.generate(str(d), num_train=24, num_val=11, num_test=13, image_size=32, seed=0, num_classes=6)
-    return d
+    """Where the tiny sweep's synthetic data goes; the sweep generates it on first use (`completed`)."""
+    return tmp_path_factory.mktemp("synthetic") / "data"
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,7 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     # One CPU device in the CLI runs (the in-process tests fake 8): less to compile and run on a small machine.
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = subproc.device_env(1)["XLA_FLAGS"]
     return env
 
 
@@ -92,6 +95,7 @@ def completed(sweep_file, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sweep_run")
     rc, out = _run(["--sweep", sweep_file, "--workdir", workdir, "--bench-repeats", "2"])
     assert rc == 0, out
+    assert "generating the synthetic demo dataset" in out
     return workdir, out
 
 
@@ -340,7 +344,8 @@ def test_failing_cell_is_recorded_and_the_sweep_goes_on(sweep_file, data_dir, tm
     text = TINY_SWEEP.format(tests=TESTS, data=str(data_dir))
     text = text.replace(
         "return c, union(singles, multi)",
-        "return c, [{'data.dir': " + repr(str(tmp_path / "missing")) + ", 'tasks': ('seg',)}, {'tasks': ('seg',)}]",
+        "return c, [{'data.dir': " + repr(str(tmp_path / "missing")) + ", 'data.generate_if_missing': False, "
+        "'tasks': ('seg',)}, {'tasks': ('seg',)}]",
     )
     failing.write_text(text)
     workdir = tmp_path / "w"

@@ -40,7 +40,8 @@ def data_dir(tmp_path_factory):
 def trained(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = tiny_config(data_dir)
-    results = training.train_and_evaluate(config, str(workdir))
+    # 1 device, as the CLI runs of this file (conftest gives subprocesses 1), so that they share compiled steps.
+    results = training.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
     return config, workdir, results
 
 
@@ -111,11 +112,11 @@ def test_sparsity_is_logged_as_the_prox_produces_it(trained):
 
 
 def test_eval_mode_restores_on_another_device_count(trained):
-    """--mode eval restores the best checkpoint (written with 8 devices) on 1 device and reproduces the test
+    """--mode eval restores the best checkpoint (written with 1 device) on 8 devices and reproduces the test
     metrics that training wrote."""
     config, workdir, results = trained
     assert jax.device_count() == 8
-    again = training.evaluate_workdir(config, str(workdir), devices=jax.devices()[:1])
+    again = training.evaluate_workdir(config, str(workdir))
     # Continuous metrics agree to float rounding. Metrics that count pixels on either side of a threshold (the
     # % of normals within 30°, pixel accuracy, IoU) may move by a pixel: XLA's CPU convs differ in the last bit
     # between a per-device batch of 1 and of 13, and the 13 test images hold 13,312 pixels (one is 0.0075 %).
@@ -180,7 +181,7 @@ def _cli(args, log=None):
 
 def test_killed_run_resumes_to_the_same_result(data_dir, trained, tmp_path):
     """Kill (SIGKILL) a CLI run right after its first epoch's checkpoint, rerun: the final test metrics and the
-    logged history equal those of the uninterrupted run (the `trained` fixture, same config)."""
+    logged history equal those of the uninterrupted run (the `trained` fixture, same config, also 1 device)."""
     _, _, uninterrupted = trained
     killed = tmp_path / "killed"
     args = [
@@ -224,11 +225,12 @@ def test_killed_run_resumes_to_the_same_result(data_dir, trained, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     config = tiny_config(data_dir, num_epochs=1)
-    training.train_and_evaluate(config, str(tmp_path))
+    one = jax.devices()[:1]  # the compiled steps of the `trained` fixture
+    training.train_and_evaluate(config, str(tmp_path), devices=one)
     os.remove(tmp_path / "trial_0" / "test_metrics.json")  # let the trial continue with more epochs
     exploding = tiny_config(data_dir, num_epochs=3, **{"optimizer.lr": 1e30, "sparsity.lam": 0.0})
     with pytest.raises(training.NonFiniteLossError) as e:
-        training.train_and_evaluate(exploding, str(tmp_path))
+        training.train_and_evaluate(exploding, str(tmp_path), devices=one)
     msg = str(e.value)
     assert "non-finite loss at step" in msg and "epoch 1" in msg and "last good checkpoint (epoch 0)" in msg
     assert ("task '" in msg) or ("total loss" in msg)
@@ -278,7 +280,8 @@ def test_stopped_task_head_is_frozen_and_leaves_the_loss(data_dir, trained):
     from mtl_sparse_jax.data import pipeline as input_pipeline
 
     config = tiny_config(data_dir)
-    spec = training.step_spec(config)
+    spec = training.step_spec(config, devices=jax.devices()[:1])
+    update = jax.jit(training.update, static_argnums=0)  # the pure update, compiled once for both cases
     batch = training.put_batch(
         spec,
         next(
@@ -301,7 +304,7 @@ def test_stopped_task_head_is_frozen_and_leaves_the_loss(data_dir, trained):
         )
         before = jax.device_get(state.params)
         state = state.replace(task_active={**state.task_active, "depth": jnp.float32(active)})
-        state, losses = training.update(spec, state, batch, jax.random.PRNGKey(1))
+        state, losses = update(spec, state, batch, jax.random.PRNGKey(1))
         after = jax.device_get(state.params)
         totals[active] = float(losses["total"])
         depth_moved = any(
