@@ -184,16 +184,21 @@ def phase1_runs(phase1: str) -> dict[str, list[tuple[str, object]]]:
     return out
 
 
-def restore_backbone(trial_dir: str) -> Mapping:
-    """The backbone params of a trial's best checkpoint, restored with orbax as saved (no model needed)."""
-    from mtl_sparse_jax import checkpoint as ckpt_lib
+def restore_backbone(trial_dir: str, config) -> Mapping:
+    """The backbone params of a trial's best checkpoint, restored onto one device whatever devices saved it."""
+    import jax
 
+    from mtl_sparse_jax import checkpoint as ckpt_lib
+    from mtl_sparse_jax import training
+
+    spec = training.step_spec(config, devices=jax.devices()[:1])
+    target = training.eval_variables(training.abstract_train_state(spec, (32, 32)))
     ckpts = ckpt_lib.TrialCheckpoints(os.path.join(trial_dir, "checkpoints"))
     try:
-        state, _ = ckpts.restore("best", None)
+        state, _ = ckpts.restore("best", target)
     finally:
         ckpts.close()
-    return state["params"]["backbone"]
+    return jax.device_get(state["params"]["backbone"])
 
 
 def conv_counts(backbone: Mapping, depth: int) -> tuple[list[int], list[int]]:
@@ -260,7 +265,7 @@ def select(phase1: str, *, threshold: float = DEFAULT_THRESHOLD, agg: str = "all
         trials = _finished_trials(run_dir, int(config.num_trials))
         counts, totals = [], None
         for trial in trials:
-            c, totals = conv_counts(restore_backbone(trial), depth)
+            c, totals = conv_counts(restore_backbone(trial, config), depth)
             counts.append(c)
         flags = active_flags(np.array(counts), np.array(totals), threshold)
         active = aggregate(flags, agg)

@@ -258,7 +258,7 @@ def test_select_command_writes_the_layers_file_and_plot_and_a_config_reads_it(ph
     c2.num_trials, c2.num_epochs, c2.steps_per_epoch = 1, 1, 2
     (result,) = training.train_and_evaluate(c2, str(root / "phase2"))
     assert np.isfinite(result["seg/miou"])
-    backbone = lomt.restore_backbone(str(root / "phase2" / "trial_0"))
+    backbone = lomt.restore_backbone(str(root / "phase2" / "trial_0"), c2)
     from mtl_sparse_jax.models import block_names
 
     blocks = block_names(18)
