@@ -350,6 +350,11 @@ def _conv_flops(definition: CompactDefinition, batch_size: int, *, compact: bool
 def _model_parts(model: nn.Module, params: Mapping, batch_stats: Mapping):
     """(backbone params, backbone stats, depth, output_stride, head specs, head multiplier, head variables)."""
     if isinstance(model, multitask_lib.MultiTaskModel):
+        if model.taps:
+            raise CompactionError(
+                "compaction of a model with heads at backbone taps (model.taps / lomt.layers_file) is not supported; "
+                "the report of a lomt_vs_mtl sweep (tables/lomt_vs_mtl.md) times such models dense"
+            )
         for key in ("backbone",):
             if key not in params or key not in batch_stats:
                 raise CompactionError(

@@ -29,6 +29,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.depth": (18, 50, 101),
     "model.output_stride": (8, 16, 32),
+    "model.tap_point": ("conv", "bn", "relu"),
 }
 
 
@@ -143,6 +144,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         if (lo is not None and not lo(value)) or (hi is not None and not hi(value)):
             raise ConfigError(f"config key '{key}' must be {why}, got {value!r}")
+    if config.model.taps or config.lomt.layers_file:
+        from mtl_sparse_jax import lomt
+
+        lomt.model_taps(config)
     if config.seg_num_logits and config.seg_num_logits < config.seg_num_classes:
         raise ConfigError(
             f"seg_num_logits={config.seg_num_logits} < seg_num_classes={config.seg_num_classes}; "

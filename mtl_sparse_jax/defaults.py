@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.output_stride = 8
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.reference_bn_updates = False  # True: update backbone BN statistics once per task, as the reference
+    # LOMT: heads at backbone taps, 'seg=layer3_3/conv1,depth=layer3_3/conv1' (names from models.tap_names); the
+    # tasks not listed read the backbone's end. When every task has a tap the backbone ends at the deepest one.
+    c.model.taps = ""
+    c.model.tap_point = "conv"  # where a conv tap reads: 'conv' (before BN, as the reference's hooks) | 'bn' | 'relu'
 
     c.batch_size = 16  # global batch, split over all devices and processes
     c.eval_batch_size = 8
@@ -96,6 +100,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()
     c.log.progress = True  # one progress bar per epoch
     c.log.train_metrics = True  # task metrics on train batches (train-mode outputs, as the reference)
+
+    # LOMT: the taps of every task from the JSON that `python -m mtl_sparse_jax.lomt select` writes ('' = none;
+    # model.taps then applies). A relative path is relative to the working directory.
+    c.lomt = ml_collections.ConfigDict()
+    c.lomt.layers_file = ""
 
     # Meta-sparsity (python -m mtl_sparse_jax.main --mode meta_train|meta_test, or meta.enabled with --mode train):
     # λ = exp(ρ) is learned by a MAML-style outer loop that differentiates through the proximal inner steps.

@@ -101,6 +101,7 @@ STATIC_CHANGES = [
     ("optimizer.weight_decay", 0.5),
     ("seg_num_logits", 7),
     ("log.train_metrics", False),
+    ("model.taps", "seg=layer2_0/conv1"),
 ]
 
 

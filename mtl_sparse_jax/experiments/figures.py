@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mtl_sparse_jax import lomt
 from mtl_sparse_jax.experiments import sweep as sweep_lib
 from mtl_sparse_jax.experiments import tables
 
@@ -196,7 +197,9 @@ def layer_counts(cell: sweep_lib.Cell, workdir: str) -> list[tuple[str, int, int
         for path in models.conv_paths(cell.config.model.depth):
             node = backbone
             for part in path.split("/"):
-                node = node[part]
+                node = node.get(part, {})
+            if "kernel" not in node:
+                continue  # a backbone truncated at the heads' taps (LOMT) ends earlier
             kernel = np.asarray(node["kernel"])  # HWIO; a group is one input channel
             active = int(np.sum(np.any(kernel != 0, axis=(0, 1, 3))))
             out.append((path, active, int(kernel.shape[2])))
@@ -335,6 +338,7 @@ def write_report(sweep: sweep_lib.Sweep, workdir: str, *, bench: bool = True, re
     written = [os.path.join(workdir, "summary.json")]
     written += tables.write_tables(summary, workdir)
     written += write_figures(sweep, summary, workdir, bench=bench, repeats=repeats)
+    written += lomt.write_comparison(sweep, summary, workdir, bench=bench, repeats=repeats)
     for p in written:
         log(f"wrote {p}")
     return summary

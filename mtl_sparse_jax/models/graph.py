@@ -19,6 +19,7 @@ Structure (ResNetD-50 at output stride 8, 256×256 input):
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 # depth → (block kind, blocks per stage)
 STAGE_BLOCKS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -160,6 +161,47 @@ def tap_names(depth: int) -> list[str]:
         names += [f"{block.name}/{c}" for c in block.conv_names] + [block.name]
     names += [f"layer{s}" for s in (1, 2, 3, 4)]
     return names
+
+
+def check_taps(depth: int, taps) -> None:
+    """ValueError naming the first unknown tap and the closest valid name, unless every tap is in `tap_names`."""
+    valid = tap_names(depth)
+    for t in taps:
+        if t not in valid:
+            close = difflib.get_close_matches(t, valid, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"unknown tap {t!r} for ResNetD-{depth}; {hint}valid names are conv paths like 'layer3_0/conv2', "
+                f"blocks like 'layer3_0', stages 'layer1'..'layer4' and 'stem' (see mtl_sparse_jax.models.tap_names)"
+            )
+
+
+def candidate_convs(depth: int) -> list[str]:
+    """The block convs (conv1, conv2[, conv3] of every block) in forward order: the convs whose activity decides a
+    LOMT tap. Stem and downsample convs are left out, as in the LOMT reference."""
+    return [f"{b.name}/{c.name}" for b in blocks(depth) for c in b.convs]
+
+
+def tap_node(depth: int, tap: str) -> str:
+    """The graph node a tap reads: a stage name 'layer<s>' is its last block, every other tap is a node itself."""
+    if tap in ("layer1", "layer2", "layer3", "layer4"):
+        return [b.name for b in blocks(depth) if b.stage == int(tap[-1])][-1]
+    return tap
+
+
+def ancestors(depth: int, output_stride: int, taps) -> set[str]:
+    """The nodes the taps' values depend on, their own nodes included: what a backbone truncated to these taps
+    must compute. The 'input' node is left out."""
+    by_name = {n.name: n for n in nodes(depth, output_stride)}
+    todo = [tap_node(depth, t) for t in taps]
+    out: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in out or name == "input":
+            continue
+        out.add(name)
+        todo.extend(by_name[name].inputs)
+    return out
 
 
 def nodes(depth: int, output_stride: int) -> list[Node]:

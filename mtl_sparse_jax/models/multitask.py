@@ -7,6 +7,11 @@ float32. A single-task model is this class with one head.
 The reference code re-runs the backbone once per task. Since BN in train mode gives the same activations each
 time, the gradients equal those of one shared pass, but each step updated the backbone's BN running statistics T
 times (effective momentum 1−0.9^T). ``reference_bn_updates=True`` reproduces that update at no extra cost.
+
+Heads at taps (LOMT): ``taps=(('seg', 'layer3_3/conv1'), ...)`` gives a task's head the backbone's value at that
+tap (read at ``tap_point``) instead of the features; its input width is the tap's. When every head has a tap the
+backbone is truncated after the deepest one (`ResNetD.outputs`): later layers are neither computed nor in the
+params.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_sparse_jax.models import graph
 from mtl_sparse_jax.models.heads import ClassificationHead, DeepLabHead
 from mtl_sparse_jax.models.resnetd import ResNetD, scaled_width
 
@@ -100,6 +106,8 @@ class MultiTaskModel(nn.Module):
       param_dtype: storage dtype of the parameters.
       reference_bn_updates: in train mode, update the backbone's BN running statistics T = len(heads) times, as
         the reference's per-task backbone re-runs did.
+      taps: (task, tap name) pairs: those heads read the backbone at the tap; the others read the features.
+      tap_point: where a conv tap reads ('relu', 'bn', or 'conv' before BN; see `ResNetD`).
     """
 
     heads: Sequence[HeadSpec]
@@ -110,6 +118,17 @@ class MultiTaskModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     reference_bn_updates: bool = False
+    taps: tuple[tuple[str, str], ...] = ()
+    tap_point: str = "relu"
+
+    def backbone_conv_paths(self) -> list[str]:
+        """The backbone's convs in forward order (`graph.conv_paths`): all of them, or those a backbone truncated
+        at the heads' taps keeps."""
+        paths = graph.conv_paths(self.depth)
+        if not self.taps or len(self.taps) < len(self.heads):
+            return paths
+        kept = graph.ancestors(self.depth, self.output_stride, [tap for _, tap in self.taps])
+        return [p for p in paths if p in kept]
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, taps: Sequence[str] = ()):
@@ -121,6 +140,12 @@ class MultiTaskModel(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"MultiTaskModel head names must be unique, got {names}")
 
+        head_taps = dict(self.taps)
+        unknown = sorted(set(head_taps) - set(names))
+        if unknown:
+            raise ValueError(f"MultiTaskModel taps name tasks {unknown} that have no head; the heads are {names}")
+        truncated = len(head_taps) == len(specs)
+        wanted = tuple(dict.fromkeys((*head_taps.values(), *taps)))
         backbone = ResNetD(
             depth=self.depth,
             width_multiplier=self.width_multiplier,
@@ -128,12 +153,16 @@ class MultiTaskModel(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             bn_updates=len(specs) if self.reference_bn_updates else 1,
+            tap_point=self.tap_point,
+            outputs=wanted if truncated else (),
             name="backbone",
         )
-        if taps:
-            features, tapped = backbone(x, train=train, taps=taps)
+        if truncated:
+            features, tapped = None, backbone(x, train=train)
+        elif wanted:
+            features, tapped = backbone(x, train=train, taps=wanted)
         else:
-            features = backbone(x, train=train)
+            features, tapped = backbone(x, train=train), {}
 
         outputs = {}
         for spec in specs:
@@ -144,8 +173,9 @@ class MultiTaskModel(nn.Module):
                 param_dtype=self.param_dtype,
                 name=head_param_name(spec.name),
             )
-            outputs[spec.name] = head(features, train=train).astype(jnp.float32)
+            inputs = tapped[head_taps[spec.name]] if spec.name in head_taps else features
+            outputs[spec.name] = head(inputs, train=train).astype(jnp.float32)
 
         if taps:
-            return outputs, tapped
+            return outputs, {t: tapped[t] for t in taps}
         return outputs

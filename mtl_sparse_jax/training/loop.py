@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from mtl_sparse_jax import checkpoint as ckpt_lib
-from mtl_sparse_jax import config_utils, models, report, sparsity
+from mtl_sparse_jax import config_utils, report, sparsity
 from mtl_sparse_jax.training import evaluation as evaluate_lib
 from mtl_sparse_jax.training import state as state_lib
 from mtl_sparse_jax.training import step as step_lib
@@ -58,7 +58,7 @@ class EarlyStopper:
 
 def layer_order(spec: StepSpec) -> list[str]:
     """Grouped backbone kernels in forward order (for per-layer statistics and plots)."""
-    return [f"backbone/{name}/kernel" for name in models.conv_paths(spec.model.depth)]
+    return [f"backbone/{name}/kernel" for name in spec.model.backbone_conv_paths()]
 
 
 def sparsity_summary(spec: StepSpec, params) -> dict:

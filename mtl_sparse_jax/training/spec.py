@@ -101,6 +101,8 @@ def build_tasks(config) -> dict[str, tasks_lib.Task]:
 
 
 def build_model(config, tasks) -> models.MultiTaskModel:
+    from mtl_sparse_jax import lomt
+
     heads = tuple(models.HeadSpec(name=t.name, kind=t.head, out_channels=t.out_channels) for t in tasks.values())
     m = config.model
     return models.MultiTaskModel(
@@ -111,6 +113,8 @@ def build_model(config, tasks) -> models.MultiTaskModel:
         output_stride=m.output_stride,
         dtype=jnp.dtype(m.dtype),
         reference_bn_updates=bool(m.reference_bn_updates),
+        taps=lomt.model_taps(config),
+        tap_point=m.tap_point,
     )
 
 
