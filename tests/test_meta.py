@@ -2,6 +2,8 @@
 first-order formula, λ's derivative through an injected hyperparameter, episodes, config errors, and a killed
 meta run that resumes to the same λ and metrics."""
 
+import hashlib
+import itertools
 import json
 import os
 import signal
@@ -123,6 +125,7 @@ def _meta_config(data_dir, **overrides):
         ("meta.lam_init", 0.0, "meta.lam_init"),
         ("meta.lam_init", -1e-3, "meta.lam_init"),
         ("meta.order", "third", "meta.order"),
+        ("meta.query_split", "test", "meta.query_split"),
     ],
 )
 def test_bad_meta_config_is_a_one_line_error(data_dir, key, value, words):
@@ -133,6 +136,52 @@ def test_bad_meta_config_is_a_one_line_error(data_dir, key, value, words):
     with pytest.raises(config_utils.ConfigError) as e:
         meta_run.validate_meta(config, manifest)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def _image_keys(batch):
+    return {hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest() for x in batch["image"]}
+
+
+def test_held_out_train_query_is_disjoint_from_support(data_dir):
+    """meta.query_split='train': query and support are disjoint parts of train that together are all of it,
+    fixed by the seed; the episode batches draw each from its own part, reproducibly per (seed, epoch)."""
+    from mtl_sparse_jax.data import pipeline
+
+    config = _meta_config(data_dir, **{"meta.query_split": "train", "meta.query_fraction": 0.25})
+    meta_run.validate_meta(config)
+    train = list(
+        pipeline.iterate_batches(
+            str(data_dir), "train", tasks=config.tasks, batch_size=32, train=False, with_ids=True, depth_norm="fixed"
+        )
+    )
+    all_ids = {i for b in train for i, w in zip(b["id"], b["weight"]) if w > 0}
+    assert len(all_ids) == 32
+    support, query = meta_run.held_out_train(config, seed=0)
+    s_ids, q_ids = set(support["id"]), set(query["id"])
+    assert len(q_ids) == len(query["id"]) == 8 and len(s_ids) == len(support["id"]) == 24
+    assert not s_ids & q_ids and s_ids | q_ids == all_ids
+    assert set(meta_run.held_out_train(config, seed=0)[1]["id"]) == q_ids  # deterministic: a rerun resumes
+    assert set(meta_run.held_out_train(config, seed=1)[1]["id"]) != q_ids
+
+    steps, support_batches, query_batches = meta_run.episode_sources(config, None, seed=0)
+    assert steps == 24 // 8
+    s_keys, q_keys = _image_keys(support), _image_keys(query)
+    sup = list(itertools.islice(support_batches(0), 6))
+    qry = list(itertools.islice(query_batches(0), 6))
+    assert all(_image_keys(b) <= s_keys for b in sup) and all(_image_keys(b) <= q_keys for b in qry)
+    assert "id" not in sup[0] and set(sup[0]) == set(support) - {"id"}
+    again = next(iter(query_batches(0)))
+    assert all(np.array_equal(again[k], qry[0][k]) for k in again)  # a function of (seed, epoch)
+    assert not np.array_equal(next(iter(query_batches(1)))["image"], qry[0]["image"])
+
+    bad = _meta_config(data_dir, **{"meta.query_split": "train", "meta.query_fraction": 1.0})
+    with pytest.raises(config_utils.ConfigError, match="meta.query_fraction") as e:
+        meta_run.validate_meta(bad)
+    assert "\n" not in str(e.value)
+    small = _meta_config(data_dir, **{"meta.query_split": "train", "meta.query_fraction": 0.1})
+    with pytest.raises(config_utils.ConfigError, match="meta.query_fraction") as e:
+        meta_run.held_out_train(small, seed=0)
+    assert "\n" not in str(e.value)
 
 
 def test_bad_meta_config_from_the_command_line(data_dir, tmp_path):
