@@ -53,7 +53,9 @@ def test_lam_derivative_through_injected_hyperparameter(float64_results):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["K=1,prox_adamw", "K=3,prox_adamw", "K=3,sgd"])
+@pytest.mark.parametrize(
+    "case", ["K=1,prox_adamw", "K=3,prox_adamw", "K=3,sgd", "K=1,prox_adamw_warm", "K=3,prox_adamw_warm"]
+)
 def test_second_order_meta_gradient_matches_central_differences(float64_results, case):
     r = float64_results["second_order"][case]
     assert r["finite"], r  # the masked-out head's exactly-zero gradients give no NaN
@@ -62,6 +64,16 @@ def test_second_order_meta_gradient_matches_central_differences(float64_results,
     assert r["dir_rel_err"] < 1e-4, r  # and the θ₀-gradient along a random direction
     assert 0 < r["zero_groups_theta_k"] < 9, r  # the prox zeroed some groups and shrank the others
     assert r["seg_head_grad_abs_sum"] == 0.0  # a task outside the subset contributes nothing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 3])
+def test_hybrid_order_is_exact_in_rho_and_first_order_in_theta(float64_results, k):
+    """order='hybrid' (inner prox_adamw_warm): dF/dρ matches central differences through the K unrolled steps;
+    the θ₀-gradient is the query gradient at θ_K (FOMAML's)."""
+    r = float64_results["hybrid"][f"K={k}"]
+    assert abs(r["grad"]) > 1e-8 and r["rel_err"] < 1e-4, r
+    assert r["theta_grad_max_abs"] > 0 and r["theta_grad_max_abs_err"] < 1e-12, r
 
 
 @pytest.mark.slow
