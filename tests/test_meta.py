@@ -103,6 +103,32 @@ def test_task_subsets_and_draws():
     assert [float(mask[t]) for t in tasks] == [0.0, 0.0, 1.0]
 
 
+def test_zeroing_lambdas_are_the_adaptive_prox_thresholds():
+    """diagnose.zeroing_lambdas: at λ just above λ*_g the adaptive prox (applied to θ with d = √ν + ε) zeroes group
+    g, just below it keeps it."""
+    import jax.numpy as jnp
+
+    from mtl_sparse_jax import sparsity
+    from mtl_sparse_jax.meta import diagnose
+
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(3, 3, 6, 4)) * np.linspace(0.05, 1.0, 6)[None, None, :, None]
+    nu = rng.uniform(1e-6, 1e-2, size=p.shape)
+    nu[:, :, 0, :] = 0.0  # a group without gradient history: d = ε there
+    lr, eps = 2e-3, 1e-6
+    lam_star = diagnose.zeroing_lambdas(
+        {"k": p, "b": np.ones(4)}, {"k": nu, "b": np.ones(4)}, {"k": 2, "b": None}, lr, eps
+    )
+    assert lam_star.shape == (6,) and np.all(lam_star > 0)
+    d = jnp.asarray(np.sqrt(nu) + eps, jnp.float32)
+    for g, lam in enumerate(lam_star):
+        for factor, zeroed in ((1.001, True), (0.999, False)):
+            z = sparsity.prox_group_l2_weighted(
+                jnp.asarray(p, jnp.float32), d, lr * lam * factor * np.sqrt(3 * 3 * 4), axis=2
+            )
+            assert bool(np.all(np.asarray(z)[:, :, g, :] == 0)) == zeroed, (g, factor)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     from data_prep import synthetic
@@ -232,13 +258,17 @@ def _cli(workdir, data_dir, log):
         "--config.steps_per_epoch=2",
         "--config.loss.combiner=sum",
         "--config.meta.lam_lr=0.2",
+        "--config.meta.order=hybrid",
+        "--config.meta.inner_optimizer=prox_adamw_warm",
+        "--config.meta.query_split=train",
     ]
     return subprocess.Popen(args, env=_env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 @pytest.mark.slow
 def test_killed_meta_run_resumes_to_the_same_lambda_and_metrics(data_dir, tmp_path):
-    """Uninterrupted vs SIGKILLed after its first epoch's checkpoint and rerun: same final λ, same metrics."""
+    """Uninterrupted vs SIGKILLed after its first epoch's checkpoint and rerun: same final λ, same metrics (with
+    the demo's settings: order 'hybrid', inner 'prox_adamw_warm', and the held-out train query split)."""
     full = tmp_path / "full"
     with open(tmp_path / "full.log", "w") as log:
         assert _cli(full, data_dir, log).wait(timeout=1500) == 0, (tmp_path / "full.log").read_text()
