@@ -67,6 +67,15 @@ def test_second_order_meta_gradient_matches_central_differences(float64_results,
 
 
 @pytest.mark.slow
+def test_warm_inner_step_is_the_outer_optimizers_step(float64_results):
+    """inner 'prox_adamw_warm': θ_1 is one outer-optimizer update from the state's own moments (at λ and
+    meta.inner_lr), not a fresh-moment step."""
+    r = float64_results["warm_step"]
+    assert r["max_abs_err"] < 1e-12, r
+    assert r["max_abs_diff_from_fresh"] > 1e-4, r
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 3])
 def test_hybrid_order_is_exact_in_rho_and_first_order_in_theta(float64_results, k):
     """order='hybrid' (inner prox_adamw_warm): dF/dρ matches central differences through the K unrolled steps;
