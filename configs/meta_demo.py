@@ -1,12 +1,13 @@
-"""Meta-sparsity demo: λ learned by a second-order MAML-style outer loop on synthetic scenes, then meta-test on
-an unseen task ('edge') against an ordinary sparse MTL backbone and training from scratch. On a 2-core CPU.
+"""Meta-sparsity demo: λ learned by a MAML-style outer loop (exact hypergradient of λ) on synthetic scenes, then
+meta-test on an unseen task ('edge') against an ordinary sparse MTL backbone and training from scratch. 2-core CPU.
 
   python -m mtl_sparse_jax.main --config configs/meta_demo.py --workdir runs/meta_demo
 
 Meta-trains on seg + normals + depth (episodes over all non-empty task subsets, support = a train batch,
-query = a val batch, one inner prox_adamw step), writes runs/meta_demo/meta_train/ (lambda_trajectory.png,
-metrics.jsonl, meta.jsonl), trains the ordinary sparse MTL model with the same number of steps at a hand-set
-λ (runs/meta_demo/mtl_baseline/), then fine-tunes an 'edge' head on each backbone (runs/meta_demo/meta_test/).
+query = a val batch, one inner step of the outer proximal AdamW from its current moments, order 'hybrid'),
+writes runs/meta_demo/meta_train/ (lambda_trajectory.png, metrics.jsonl, meta.jsonl), trains the ordinary
+sparse MTL model with the same number of steps at a hand-set λ (runs/meta_demo/mtl_baseline/), then
+fine-tunes an 'edge' head on each backbone (runs/meta_demo/meta_test/).
 The data (32×32) is generated into data/synthetic_meta on first use. Wall time: see the README.
 """
 
@@ -43,8 +44,9 @@ def get_config():
     c.log.progress = False
     c.meta.enabled = True
     c.meta.inner_steps = 1
-    c.meta.inner_lr = 2e-3
-    c.meta.order = "second"
+    c.meta.inner_optimizer = "prox_adamw_warm"  # the inner step is the outer optimizer's own step (same prox, same d)
+    c.meta.inner_lr = 2e-3  # = optimizer.lr
+    c.meta.order = "hybrid"  # exact dF/dρ; θ gets the query gradient at θ_K (ordinary scale, see the README)
     c.meta.remat = False  # a tiny model needs no rematerialisation, and XLA on the CPU compiles faster without it
     c.meta.lam_init = 1e-3
     c.meta.lam_lr = 0.05

@@ -112,11 +112,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.meta = ml_collections.ConfigDict()
     c.meta.enabled = False  # True: --mode train runs meta-training, then meta-test
     c.meta.min_tasks = 1  # episodes draw a subset of `tasks` of at least this size, uniformly
-    c.meta.query_split = "val"  # split of the query batches (support = one train batch)
+    c.meta.query_split = "val"  # query batches from 'val', or 'train': a held-out part of train (support = the rest)
+    c.meta.query_fraction = 0.25  # with query_split='train': the part of train held out as the query set
     c.meta.inner_steps = 1  # K proximal steps per episode on the support batch
-    c.meta.inner_optimizer = "prox_adamw"  # 'prox_adamw' (fresh moments each episode) | 'sgd' (+ group_lasso_prox)
+    c.meta.inner_optimizer = "prox_adamw"  # 'prox_adamw' (fresh moments) | 'sgd' (+ group_lasso_prox) |
+    # 'prox_adamw_warm' (the outer optimizer from its current moments, so the inner prox is the outer one)
     c.meta.inner_lr = 1e-3
     c.meta.order = "second"  # 'second' (through the unrolled steps) | 'first' (FOMAML: ρ gets λ·Ω(θ_K) only)
+    # | 'hybrid' (ρ as 'second', θ as 'first': the outer step sees gradients of the ordinary scale)
     c.meta.remat = True  # jax.checkpoint each inner step (memory of one step's activations)
     c.meta.penalty_in_outer = False  # add λ·Ω(θ_K) to the query loss, as the reference's development code
     c.meta.lam_init = 1e-3  # initial λ (> 0)

@@ -4,7 +4,8 @@
 The network is a small conv net built from the project's `Conv2d` layers (a 'backbone' of two 3×3 convs, one
 dilated, and a 1×1 head per task), so that every operation runs in float64: the project's ResNetD and task
 losses compute BatchNorm statistics and losses in float32 by design. The optimizers are the project's real
-`prox_adamw` (adaptive prox, Newton solve differentiated implicitly) and `sgd` + `group_lasso_prox`.
+`prox_adamw` (adaptive prox, Newton solve differentiated implicitly), fresh or continuing from the outer
+optimizer's moments ('prox_adamw_warm'), and `sgd` + `group_lasso_prox`.
 """
 
 import dataclasses
@@ -151,6 +152,28 @@ def mspec_for(spec, k, inner, order="second", penalty_in_outer=False):
     )
 
 
+def warm_opt_state(spec, params, data, steps=3):
+    """The training optimizer's state after `steps` ordinary steps on all tasks (moments of real gradients), for
+    the 'prox_adamw_warm' inner loop; the params themselves are left as they were."""
+    tree = training.state.trainable(params, {})
+    opt = spec.optimizer_for(tree)
+    opt_state = opt.init(tree)
+    hp = dict(opt_state.hyperparams, learning_rate=jnp.asarray(0.01, jnp.float32), lam=jnp.asarray(0.0, jnp.float32))
+    opt_state = opt_state._replace(hyperparams=hp)
+    all_tasks = core.task_mask(spec.task_names, spec.task_names)
+
+    def loss(tr):
+        ps, lw = training.state.split_trainable(tr)
+        losses, _ = core._forward_losses(spec, ps, {}, data, jax.random.key(0))
+        return core.objective(spec, losses, lw, all_tasks)
+
+    p = tree
+    for _ in range(steps):
+        updates, opt_state = opt.update(jax.grad(loss)(p), opt_state, p)
+        p = optax.apply_updates(p, updates)
+    return opt_state
+
+
 def main():
     spec = make_spec()
     rng = np.random.default_rng(1)
@@ -167,7 +190,8 @@ def main():
     )
     mask = core.task_mask(spec.task_names, ("normals", "depth"))  # 'seg' out: its head gets exactly zero grads
     key = jax.random.key(3)
-    results = {"injected_lam": check_injected_lam(), "second_order": {}, "first_order": {}}
+    state = state.replace(opt_state=warm_opt_state(spec, params, batch(rng)))
+    results = {"injected_lam": check_injected_lam(), "second_order": {}, "first_order": {}, "hybrid": {}}
 
     # Second order: dF/dρ vs central differences, and a directional θ₀-derivative.
     tree0 = training.state.trainable(params, {})
@@ -180,14 +204,14 @@ def main():
     def calibrated_lam(mspec):
         """A λ of a log grid at which the inner loop zeroes some, but not all, of the 9 backbone groups (the one
         closest to half), so that the derivative runs through both zeroed and shrunk groups."""
-        inner = jax.jit(lambda lam: core.inner_loop(mspec, lam, tree0, {}, support, mask, key)[0])
+        inner = jax.jit(lambda lam: core.inner_loop(mspec, lam, tree0, {}, support, mask, key, state.opt_state)[0])
         grid = np.logspace(-6, 1, 43)
         counts = [zero_groups(inner(jnp.asarray(lam, F64))) for lam in grid]
         partial = [(abs(c - 4.5), lam) for c, lam in zip(counts, grid) if 0 < c < 9]
         assert partial, f"no λ of the grid gives a partly sparse θ_K: {list(zip(grid.tolist(), counts))}"
         return float(min(partial)[1])
 
-    for k, inner in ((1, "prox_adamw"), (3, "prox_adamw"), (3, "sgd")):
+    for k, inner in ((1, "prox_adamw"), (3, "prox_adamw"), (3, "sgd"), (1, "prox_adamw_warm"), (3, "prox_adamw_warm")):
         mspec = mspec_for(spec, k, inner)
         lam0 = calibrated_lam(mspec)
         f = jax.jit(lambda r, st, m=mspec: core.meta_loss(m, r, st, support, query, mask, key))
@@ -195,7 +219,7 @@ def main():
         g = float(jax.jit(jax.grad(f))(rho0, state))
         h = 1e-4
         fd = float((f(rho0 + h, state) - f(rho0 - h, state)) / (2 * h))
-        zero = zero_groups(core.inner_loop(mspec, jnp.exp(rho0), tree0, {}, support, mask, key)[0])
+        zero = zero_groups(core.inner_loop(mspec, jnp.exp(rho0), tree0, {}, support, mask, key, state.opt_state)[0])
         v = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(7).normal(size=p.shape)), params)
         g_theta = jax.jit(jax.grad(lambda st: f(rho0, st), allow_int=True))(state).params
         dir_ad = float(sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(g_theta), jax.tree.leaves(v))))
@@ -244,6 +268,62 @@ def main():
             "expected": expected,
             "abs_err": abs(g - expected),
             "theta_grad_max_abs_err": theta_err,
+        }
+    # prox_adamw_warm's first inner step is one step of the outer optimizer from the state's moments.
+    lam_w = results["second_order"]["K=1,prox_adamw_warm"]["lam"]
+    mspec = mspec_for(spec, 1, "prox_adamw_warm")
+    theta_1 = core.inner_loop(mspec, jnp.asarray(lam_w, F64), tree0, {}, support, mask, key, state.opt_state)[0]
+
+    def support_loss(tr):
+        ps, lw = training.state.split_trainable(tr)
+        losses, _ = core._forward_losses(spec, ps, {}, support, jax.random.fold_in(key, 0))
+        return core.objective(spec, losses, lw, mask)
+
+    opt = spec.optimizer_for(tree0)
+    hp = dict(state.opt_state.hyperparams, lam=jnp.asarray(lam_w, F64), learning_rate=jnp.asarray(0.02, jnp.float32))
+    expected = optax.apply_updates(
+        tree0, opt.update(jax.grad(support_loss)(tree0), state.opt_state._replace(hyperparams=hp), tree0)[0]
+    )
+    fresh = core.inner_loop(mspec_for(spec, 1, "prox_adamw"), jnp.asarray(lam_w, F64), tree0, {}, support, mask, key)[0]
+    results["warm_step"] = {
+        "max_abs_err": max(
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+            for a, b in zip(jax.tree.leaves(theta_1), jax.tree.leaves(expected))
+        ),
+        "max_abs_diff_from_fresh": max(
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+            for a, b in zip(jax.tree.leaves(theta_1), jax.tree.leaves(fresh))
+        ),
+    }
+
+    # Hybrid: dF/dρ exact (central differences), θ₀-gradient = the query gradient at θ_K.
+    for k in (1, 3):
+        mspec = mspec_for(spec, k, "prox_adamw_warm", order="hybrid")
+        rho0 = jnp.asarray(np.log(results["second_order"][f"K={k},prox_adamw_warm"]["lam"]), F64)
+        f = jax.jit(lambda r, m=mspec: core.meta_loss(m, r, state, support, query, mask, key))
+        g = float(jax.jit(jax.grad(f))(rho0))
+        h = 1e-4
+        fd = float((f(rho0 + h) - f(rho0 - h)) / (2 * h))
+        tree = training.state.trainable(params, {})
+        obj = functools.partial(core.meta_objective, mspec, rho0)
+        _, aux = obj(tree, {}, support, query, mask, key, state.opt_state)
+        g_theta = jax.grad(lambda tr: obj(tr, {}, support, query, mask, key, state.opt_state)[0])(tree)
+
+        def at_theta_k(tk, m=mspec, rho0=rho0):
+            ps, lw = training.state.split_trainable(tk)
+            losses, _ = core._forward_losses(spec, ps, {}, query, jax.random.fold_in(key, m.inner_steps))
+            return core.objective(spec, losses, lw, mask)
+
+        g_direct = jax.grad(at_theta_k)(jax.lax.stop_gradient(aux["theta_k"]))
+        results["hybrid"][f"K={k}"] = {
+            "grad": g,
+            "fd": fd,
+            "rel_err": rel_err(g, fd),
+            "theta_grad_max_abs_err": max(
+                float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(jax.tree.leaves(g_theta), jax.tree.leaves(g_direct))
+            ),
+            "theta_grad_max_abs": max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(g_direct)),
         }
     print(json.dumps(results))
 

@@ -6,8 +6,13 @@ the current λ = exp(ρ):
 
     θ_{k+1} = P_λ(θ_k, ∇_θ L^sup_S(θ_k), inner optimizer state_k)          k = 0 … K−1
 
-where P_λ is `prox_adamw` (fresh moments each episode, lr `meta.inner_lr`) or `sgd` followed by
-`group_lasso_prox` (ISTA). The outer objective is the query loss of S at θ_K,
+where P_λ is `prox_adamw` with fresh moments each episode ('prox_adamw'), `sgd` followed by `group_lasso_prox`
+(ISTA, 'sgd'), or the outer optimizer itself continuing from its current moments and step count
+('prox_adamw_warm'), all at lr `meta.inner_lr`. With 'prox_adamw_warm' the inner prox is the very prox that the
+outer step applies, with the same preconditioner d = √ν + ε, so dF/dρ is about the λ that shapes the backbone;
+with fresh moments d = √((1−β2)g²) + ε of one support gradient, a different scale (the adaptive prox zeroes a
+group when ‖d ⊙ θ_g‖ ≤ lr·λ·√n_g). The inner steps' moment updates are discarded (θ_K is a look-ahead). The outer
+objective is the query loss of S at θ_K,
 
     F(ρ, θ₀) = Σ_{t∈S} L_t(θ_K; query)   [+ λ·Ω(θ_K) with meta.penalty_in_outer]
 
@@ -29,6 +34,14 @@ Orders (`meta.order`):
   This is ≥ 0, so gradient descent on ρ can only shrink λ (or leave it where it is). This is why the
   reference's first-order development code, where λ enters the query loss only through λ·Ω, can only push λ
   down: the data-fit part of the objective never sees λ unless the gradient flows through a prox.
+* 'hybrid': ρ as in 'second' (dF/dρ exact, through the K unrolled steps and every prox), θ₀ as in 'first'
+  (∇_θ F at θ_K). Implemented as θ_K = θ₀ − sg(θ₀) + Φ_K(sg(θ₀), ρ), sg = stop_gradient, Φ_K the inner loop:
+  its value is θ_K, ∂θ_K/∂θ₀ := I, ∂θ_K/∂ρ = ∂Φ_K/∂ρ. The second-order θ₀-gradient passes through
+  ∂θ_K/∂θ₀, which for an Adam-type step contains α(1−β1)·H/(√ν+ε) (H the support Hessian), i.e. entries up to
+  α/ε where ν is small; the outer optimizer's ν then grows far beyond that of ordinary training, and the
+  adaptive prox, which zeroes a group when ‖(√ν+ε) ⊙ θ_g‖ ≤ lr·λ·√n_g, needs a λ larger by as much to zero the
+  same groups. With 'hybrid' the outer step sees gradients of the ordinary scale, so λ means in the outer prox
+  what it means in ordinary sparse training, while ρ keeps its exact hypergradient.
 
 The outer update applies the training optimizer (proximal AdamW at the current λ, lr `optimizer.lr`) to the
 meta-gradient of θ₀, so the shared backbone ends sparse; ρ is updated by Adam (lr `meta.lam_lr`). Both may
@@ -54,8 +67,8 @@ from mtl_sparse_jax.training import state as state_lib
 from mtl_sparse_jax.training import step as step_lib
 from mtl_sparse_jax.training.spec import StepSpec
 
-INNER_OPTIMIZERS = ("prox_adamw", "sgd")
-ORDERS = ("first", "second")
+INNER_OPTIMIZERS = ("prox_adamw", "sgd", "prox_adamw_warm")
+ORDERS = ("first", "second", "hybrid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +153,21 @@ def _forward_losses(spec: StepSpec, params, batch_stats, batch, rng):
     return step_lib.task_losses(spec, outputs, batch), new_vars.get("batch_stats", batch_stats)
 
 
-def inner_optimizer(mspec: MetaSpec, lam, tree) -> optax.GradientTransformation:
-    """The inner loop's proximal optimizer at (possibly traced) λ."""
+def inner_optimizer(mspec: MetaSpec, lam, tree, outer_opt_state=None):
+    """(the inner loop's proximal optimizer at (possibly traced) λ, its initial state). 'prox_adamw_warm' starts
+    from `outer_opt_state` (the outer optimizer's, with λ and lr replaced); the others from fresh moments."""
+    if mspec.inner_optimizer == "prox_adamw_warm":
+        if outer_opt_state is None:
+            raise ValueError("inner_optimizer 'prox_adamw_warm' needs the outer optimizer's state")
+        hp = dict(outer_opt_state.hyperparams)
+        hp["lam"] = lam  # not cast: float64 λ stays float64 in the derivative checks
+        hp["learning_rate"] = jnp.asarray(mspec.inner_lr, hp["learning_rate"].dtype)
+        return mspec.step.optimizer_for(tree), outer_opt_state._replace(hyperparams=hp)
+    opt = _fresh_inner_optimizer(mspec, lam, tree)
+    return opt, opt.init(tree)
+
+
+def _fresh_inner_optimizer(mspec: MetaSpec, lam, tree) -> optax.GradientTransformation:
     axes = mspec.step.group_axes(tree)
     o = mspec.step.optimizer
     if mspec.inner_optimizer == "prox_adamw":
@@ -151,11 +177,10 @@ def inner_optimizer(mspec: MetaSpec, lam, tree) -> optax.GradientTransformation:
     return optax.chain(optax.sgd(mspec.inner_lr), sparsity.group_lasso_prox(mspec.inner_lr, lam, axes, mode="group"))
 
 
-def inner_loop(mspec: MetaSpec, lam, tree, batch_stats, support, mask, rng):
+def inner_loop(mspec: MetaSpec, lam, tree, batch_stats, support, mask, rng, outer_opt_state=None):
     """K proximal steps from `tree` on the support loss of the subset: (θ_K, batch stats after step 1, losses)."""
     spec = mspec.step
-    opt = inner_optimizer(mspec, lam, tree)
-    opt_state = opt.init(tree)
+    opt, opt_state = inner_optimizer(mspec, lam, tree, outer_opt_state)
 
     def one_step(tree, opt_state, k):
         def loss_fn(tree):
@@ -181,11 +206,15 @@ def inner_loop(mspec: MetaSpec, lam, tree, batch_stats, support, mask, rng):
     return tree, first_bs, jnp.stack(support_losses)
 
 
-def meta_objective(mspec: MetaSpec, rho, tree, batch_stats, support, query, mask, rng):
-    """F(ρ, θ₀) and its aux (θ_K, batch stats, support and query losses). See the module docstring."""
+def meta_objective(mspec: MetaSpec, rho, tree, batch_stats, support, query, mask, rng, outer_opt_state=None):
+    """F(ρ, θ₀) and its aux (θ_K, batch stats, support and query losses). See the module docstring.
+    `outer_opt_state` (a constant) is read by inner_optimizer 'prox_adamw_warm' only."""
     spec = mspec.step
     lam = jnp.exp(rho)
-    theta_k, new_bs, support_losses = inner_loop(mspec, lam, tree, batch_stats, support, mask, rng)
+    start = jax.lax.stop_gradient(tree) if mspec.order == "hybrid" else tree
+    theta_k, new_bs, support_losses = inner_loop(mspec, lam, start, batch_stats, support, mask, rng, outer_opt_state)
+    if mspec.order == "hybrid":  # value θ_K, ∂/∂θ₀ = I, ∂/∂ρ through the inner loop
+        theta_k = jax.tree.map(lambda t0, s0, tk: t0 - s0 + tk, tree, start, theta_k)
     if mspec.order == "first":
         # FOMAML: θ_K = θ₀ + const, so ∇_θ₀ F = ∇_θ F(θ_K) and ρ sees no path through the inner loop. A zeroed
         # group stays exactly zero (x + (0 − x) = 0 in IEEE arithmetic).
@@ -204,11 +233,12 @@ def meta_loss(mspec: MetaSpec, rho, state: state_lib.TrainState, support, query,
 
     θ₀ = the state's params and loss weights; K = mspec.inner_steps proximal steps on `support` with λ = exp(ρ)
     for the tasks with task_mask[t] = 1, then Σ_{t∈S} L_t(θ_K; query) (+ λ·Ω(θ_K) with penalty_in_outer). With
-    order 'second' the gradient runs through the unrolled steps (and the prox, implicitly); with 'first' it is
-    λ·Ω(θ_K)·[penalty_in_outer]. Pure: no donation, no state change.
+    order 'second' or 'hybrid' the gradient runs through the unrolled steps (and the prox, implicitly); with
+    'first' it is λ·Ω(θ_K)·[penalty_in_outer]. With inner optimizer 'prox_adamw_warm' the inner steps start from the state's
+    optimizer state (a constant here). Pure: no donation, no state change.
     """
     tree = state_lib.trainable(state.params, state.loss_weights)
-    total, _ = meta_objective(mspec, rho, tree, state.batch_stats, support, query, task_mask, rng)
+    total, _ = meta_objective(mspec, rho, tree, state.batch_stats, support, query, task_mask, rng, state.opt_state)
     return total
 
 
@@ -256,7 +286,7 @@ def meta_step(mspec: MetaSpec, apply_update: bool, mstate: MetaState, support, q
     tree = state_lib.trainable(ts.params, ts.loss_weights)
     (total, aux), (g_rho, g_tree) = jax.value_and_grad(
         functools.partial(meta_objective, mspec), argnums=(0, 1), has_aux=True
-    )(mstate.rho, tree, ts.batch_stats, support, query, mask, rng)
+    )(mstate.rho, tree, ts.batch_stats, support, query, mask, rng, ts.opt_state)
     acc_grads = jax.tree.map(jnp.add, mstate.acc_grads, g_tree)
     acc_rho = mstate.acc_rho + g_rho
     acc_count = mstate.acc_count + 1

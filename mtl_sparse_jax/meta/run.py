@@ -33,6 +33,8 @@ from mtl_sparse_jax.training import state as state_lib
 from mtl_sparse_jax.training import step as step_lib
 from mtl_sparse_jax.training.spec import step_spec
 
+QUERY_SPLITS = ("val", "train")
+
 
 def validate_meta(config, manifest: dict | None = None) -> None:
     """One-line ConfigErrors for the meta.* fields (and, given the data manifest, for meta.test_tasks)."""
@@ -49,7 +51,7 @@ def validate_meta(config, manifest: dict | None = None) -> None:
     choices = {
         "meta.inner_optimizer": (m.inner_optimizer, core.INNER_OPTIMIZERS),
         "meta.order": (m.order, core.ORDERS),
-        "meta.query_split": (m.query_split, ("val",)),
+        "meta.query_split": (m.query_split, QUERY_SPLITS),
         "meta.finetune": (m.finetune, ("all", "head")),
     }
     for key, (value, allowed) in choices.items():
@@ -61,6 +63,11 @@ def validate_meta(config, manifest: dict | None = None) -> None:
     for key in ("outer_every", "test_steps", "test_eval_every"):
         if int(m[key]) < 1:
             raise config_utils.ConfigError(f"config key 'meta.{key}' must be >= 1, got {m[key]}")
+    if m.query_split == "train" and not 0 < float(m.query_fraction) < 1:
+        raise config_utils.ConfigError(
+            f"config key 'meta.query_fraction' (the part of train held out as the query set) must be in (0, 1), "
+            f"got {m.query_fraction}"
+        )
     if not 0 < float(m.test_fraction) <= 1:
         raise config_utils.ConfigError(f"config key 'meta.test_fraction' must be in (0, 1], got {m.test_fraction}")
     if config.sparsity.prox == "none" or config.optimizer.name != "prox_adamw":
@@ -117,6 +124,64 @@ def _query_batches(batches, split: str, epoch: int, batch_size: int):
         yield from batches(split, True, epoch * 10_000 + k, batch_size)
 
 
+def held_out_train(config, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(support, query) for `meta.query_split='train'`: the train split's examples (padding dropped), split by a
+    permutation that depends on `seed` alone into a query part of round(meta.query_fraction · n) examples and a
+    support part of the rest. The parts are disjoint by construction and the same on every run (so a resumed run
+    uses the same split); the real val split stays free for early stopping and model selection. Both carry the
+    examples' 'id'. The train split is held in host memory."""
+    arrays = _load_arrays(config, "train", tuple(config.tasks), seed, with_ids=True)
+    n = len(arrays["weight"])
+    n_query = int(round(float(config.meta.query_fraction) * n))
+    if min(n_query, n - n_query) < config.batch_size:
+        raise config_utils.ConfigError(
+            f"meta.query_fraction={config.meta.query_fraction} splits the {n} train examples into {n - n_query} "
+            f"support and {n_query} query examples; each part needs at least batch_size={config.batch_size}"
+        )
+    order = np.random.default_rng([seed, 0x51E7]).permutation(n)
+    query, support = np.sort(order[:n_query]), np.sort(order[n_query:])
+    return {k: v[support] for k, v in arrays.items()}, {k: v[query] for k, v in arrays.items()}
+
+
+def _shuffled_batches(arrays, batch_size: int, seed: int, epoch: int, salt: int):
+    """This process's part of global batches of `batch_size` from `arrays`, reshuffled every pass by
+    (seed, epoch, salt, pass) only, for as many passes as the consumer takes; 'id' is dropped."""
+    n = len(arrays["weight"])
+    local = batch_size // jax.process_count()
+    lo = jax.process_index() * local
+    for k in range(1_000_000):
+        order = np.random.default_rng([seed, epoch, salt, k]).permutation(n)
+        for i in range(n // batch_size):
+            idx = order[i * batch_size + lo : i * batch_size + lo + local]
+            yield {key: v[idx] for key, v in arrays.items() if key != "id"}
+
+
+def episode_sources(config, batches, seed: int):
+    """(episodes per epoch, support(epoch), query(epoch)): the support and query batch iterators of an epoch.
+
+    `meta.query_split='val'`: support = the shuffled train split, query = shuffled val batches. 'train': both come
+    from `held_out_train` (support from its support part, query from its query part). Either way an epoch's
+    batches are a function of (seed, epoch) only."""
+    local_batch = config.batch_size // jax.process_count()
+    if config.meta.query_split == "val":
+        steps = _steps(config, "train")
+        _steps(config, "val")
+        return (
+            steps,
+            lambda epoch: batches("train", True, epoch, local_batch),
+            lambda epoch: _query_batches(batches, "val", epoch, local_batch),
+        )
+    support, query = held_out_train(config, seed)
+    steps = len(support["weight"]) // config.batch_size
+    if config.steps_per_epoch:
+        steps = min(steps, config.steps_per_epoch)
+    return (
+        steps,
+        lambda epoch: _shuffled_batches(support, config.batch_size, seed, epoch, 0x5077),
+        lambda epoch: _shuffled_batches(query, config.batch_size, seed, epoch, 0x9E7),
+    )
+
+
 def abstract_meta_state(mspec: core.MetaSpec, spec, image_size):
     ts = state_lib.abstract_train_state(spec, image_size)
     shapes = jax.eval_shape(lambda t: core.init_meta_state(mspec, t, 1.0), ts)
@@ -138,10 +203,8 @@ def meta_train(config, workdir: str) -> dict:
     ckpts = ckpt_lib.TrialCheckpoints(os.path.join(out, "checkpoints"))
     metrics = report.JsonlWriter(os.path.join(out, "metrics.jsonl"))
     episodes_log = report.JsonlWriter(os.path.join(out, "meta.jsonl"))
-    local_batch = config.batch_size // jax.process_count()
     eval_batch = loop_lib.eval_batch_size(config, spec.num_devices, jax.process_count())
-    steps = _steps(config, "train")
-    _steps(config, config.meta.query_split)
+    steps, support_batches, query_batches = episode_sources(config, batches, seed)
 
     history, episodes, start_epoch = [], [], 0
     if ckpts.latest_epoch("latest") is not None:
@@ -161,10 +224,8 @@ def meta_train(config, workdir: str) -> dict:
     every = int(config.meta.outer_every)
     for epoch in range(start_epoch, config.num_epochs):
         subsets = core.draw_subsets(spec.task_names, config.meta.min_tasks, seed, epoch, steps)
-        support_it = iter(evaluate_lib.prefetch(spec, batches("train", True, epoch, local_batch)))
-        query_it = iter(
-            evaluate_lib.prefetch(spec, _query_batches(batches, config.meta.query_split, epoch, local_batch))
-        )
+        support_it = iter(evaluate_lib.prefetch(spec, support_batches(epoch)))
+        query_it = iter(evaluate_lib.prefetch(spec, query_batches(epoch)))
         bar = report.progress(steps, desc=f"meta epoch {epoch}", enabled=config.log.progress)
         t0 = time.perf_counter()
         epoch_logs = []
@@ -281,26 +342,32 @@ def _single_task_config(config, task: str):
     return c
 
 
-def _train_arrays(config, task: str, fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """The first `fraction` of the train split (file order) for `task`, as numpy arrays."""
+def _load_arrays(config, split: str, tasks, seed: int, with_ids: bool = False) -> dict[str, np.ndarray]:
+    """A whole split for `tasks` in file order, padding dropped, as numpy arrays."""
     from mtl_sparse_jax.data import pipeline
 
     parts = list(
         pipeline.iterate_batches(
             config.data.dir,
-            "train",
-            tasks=(task,),
+            split,
+            tasks=tasks,
             batch_size=64,
             train=False,
             seed=seed,
             depth_norm=config.data.depth_norm,
             depth_max_m=config.data.depth_max_m,
             verify=config.data.verify,
+            with_ids=with_ids,
         )
     )
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     keep = arrays["weight"] > 0
-    arrays = {k: v[keep] for k, v in arrays.items()}
+    return {k: v[keep] for k, v in arrays.items()}
+
+
+def _train_arrays(config, task: str, fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """The first `fraction` of the train split (file order) for `task`, as numpy arrays."""
+    arrays = _load_arrays(config, "train", (task,), seed)
     n = max(int(round(fraction * len(arrays["weight"]))), 1)
     if n < config.batch_size:
         raise config_utils.ConfigError(
