@@ -82,6 +82,64 @@ _DISK_FULL_FIX = (
 )
 
 
+class ShutdownNoiseFilter:
+    """A `sys.stderr` that drops the tracebacks of known shutdown noise and passes everything else through.
+
+    After a write fails inside orbax (a full disk), tensorstore's pending futures still complete and call back
+    into an asyncio loop that orbax has already closed; each callback prints
+    "Traceback ... RuntimeError: Event loop is closed" through `sys.stderr`, from its own thread, around and
+    even inside the one-line error. The filter collects a traceback per thread from its first line to its
+    exception line and drops it when that line is one of `drop`; text outside tracebacks is written at once.
+    Installed by the command lines only, and not with --debug.
+    """
+
+    _START = "Traceback (most recent call last):"
+
+    def __init__(self, stream, drop=("RuntimeError: Event loop is closed",)):
+        import threading
+
+        self._stream = stream
+        self._drop = tuple(drop)
+        self._pending: dict[int, str] = {}  # thread id -> text of the traceback being collected
+        self._ident = threading.get_ident
+
+    def write(self, text: str) -> int:
+        tid = self._ident()
+        buf = self._pending.pop(tid, "") + text
+        out = []
+        while buf:
+            at = 0 if buf.startswith(self._START) else buf.find("\n" + self._START) + 1
+            if at == 0 and not buf.startswith(self._START):  # no traceback starts in this text
+                if "\n" not in buf and self._START.startswith(buf):
+                    self._pending[tid] = buf  # perhaps the first part of one
+                else:
+                    out.append(buf)
+                break
+            out.append(buf[:at])
+            lines = buf[at:].split("\n")
+            # The frames are indented; the first complete line after them that is not is the exception line.
+            end = next((k for k in range(1, len(lines) - 1) if lines[k] and not lines[k][0].isspace()), None)
+            if end is None:
+                self._pending[tid] = buf[at:]
+                break
+            if lines[end].startswith(self._START):  # an unfinished traceback, then another: keep the first as is
+                out.append("\n".join(lines[:end]) + "\n")
+                buf = "\n".join(lines[end:])
+                continue
+            if lines[end].strip() not in self._drop:
+                out.append("\n".join(lines[: end + 1]) + "\n")
+            buf = "\n".join(lines[end + 1 :])
+        if out:
+            self._stream.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def prepare_demo_data(config) -> None:
     """Generates the synthetic demo dataset on first use (`data.generate_if_missing`) for `main` and `sweep`: process
     0 writes it, the others wait at a barrier. `data_prep` is imported here only, by the command lines."""

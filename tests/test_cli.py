@@ -166,3 +166,42 @@ def test_absl_main_runs_with_good_flags(tmp_path):
     args = ["--config", "configs/demo.py", "--config.sparsity.lam=0.5"]
     result = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, cwd=root)
     assert result.returncode == 0 and result.stdout.strip() == "lam 0.5", result.stderr
+
+
+def test_shutdown_noise_filter_drops_only_event_loop_closed_tracebacks():
+    """tensorstore's callbacks after a failed orbax write print 'Event loop is closed' tracebacks from their own
+    threads, in pieces, around the one-line error; the filter drops exactly those and passes everything else."""
+    import io
+    import threading
+
+    noise = (
+        "Traceback (most recent call last):\n"
+        '  File "base_events.py", line 806, in call_soon_threadsafe\n'
+        "    self._check_closed()\n"
+        "RuntimeError: Event loop is closed\n"
+    )
+    real = 'Traceback (most recent call last):\n  File "y.py", line 2, in g\n    boom()\nValueError: a real one\n'
+    out = io.StringIO()
+    f = cli.ShutdownNoiseFilter(out)
+    for piece in ["start\n", noise[:20], noise[20:70], noise[70:], "plain ", "text\n", real, "Trace", "s\n"]:
+        f.write(piece)
+    assert out.getvalue() == "start\nplain text\n" + real + "Traces\n"
+
+    out = io.StringIO()
+    f = cli.ShutdownNoiseFilter(out)
+    started, resume = threading.Event(), threading.Event()
+
+    def noisy():
+        f.write(noise[:60])
+        started.set()
+        resume.wait(10)
+        f.write("RuntimeError")
+        f.write(": Event loop is closed\n")
+
+    t = threading.Thread(target=noisy)
+    t.start()
+    started.wait(10)
+    f.write("error: disk full\n")  # the main thread's line, written while the other thread is mid-traceback
+    resume.set()
+    t.join()
+    assert out.getvalue() == "error: disk full\n"
