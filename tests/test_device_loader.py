@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import subproc
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -267,10 +268,10 @@ def test_training_without_tensorflow_matches_the_tfdata_loader(tmp_path):
 
     config = tiny_config.get_config()
     config.data.dir, config.data.loader, config.steps_per_epoch = data, "tfdata", 3
-    # 1 device, as the subprocess below gets from conftest.
-    train.train_and_evaluate(config, str(tmp_path / "tfdata"), devices=jax.devices()[:1])
+    train.train_and_evaluate(config, str(tmp_path / "tfdata"))
 
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # 8 devices, as this process: a 1-device process sums in another order, which shows after two epochs.
+    env = subproc.device_env(8, PYTHONPATH=ROOT)
     done = subprocess.run(
         [sys.executable, "-c", NO_TF_TRAIN, ROOT, data, str(tmp_path / "device")],
         env=env,
