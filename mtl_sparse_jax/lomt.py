@@ -342,6 +342,17 @@ def write_selection(result: dict, out: str) -> list[str]:
 # Comparison of LOMT and conventional MTL (the report of a lomt_vs_mtl sweep)
 
 
+def comparison_cells(task_sets: Sequence[Sequence[str]]) -> list[dict]:
+    """The cells of a LOMT-vs-MTL sweep file: every task set as `<tasks>__mtl` (each head at the backbone's end:
+    no layers file) and as `<tasks>__lomt` (heads at the taps of the base config's `lomt.layers_file`)."""
+    cells = []
+    for tasks in task_sets:
+        name = "+".join(tasks)
+        cells.append({"_name": f"{name}__mtl", "tasks": tuple(tasks), "lomt.layers_file": ""})
+        cells.append({"_name": f"{name}__lomt", "tasks": tuple(tasks)})
+    return cells
+
+
 def measure_model(config, run_dir: str, image_size: int) -> dict:
     """XLA FLOPs and the compiled eval forward (batch 1, float32) of a run's best checkpoint, heads included."""
     import jax

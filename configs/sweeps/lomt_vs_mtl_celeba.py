@@ -8,6 +8,7 @@ L2 (weight decay 0.1), lr 1e-4, batch 64, early stopping with patience 15.
 """
 
 from configs import celeba
+from mtl_sparse_jax import lomt
 
 LAYERS_FILE = "runs/lomt_phase1_celeba/lomt_layers.json"
 TASK_SETS = [("seg", "male"), ("male", "smile"), ("seg", "male", "smile")]
@@ -29,9 +30,4 @@ def base_config():
 
 
 def get_sweep():
-    cells = []
-    for tasks in TASK_SETS:
-        name = "+".join(tasks)
-        cells.append({"_name": f"{name}__mtl", "tasks": tasks, "lomt.layers_file": ""})
-        cells.append({"_name": f"{name}__lomt", "tasks": tasks})
-    return base_config(), cells
+    return base_config(), lomt.comparison_cells(TASK_SETS)

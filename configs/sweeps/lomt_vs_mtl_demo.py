@@ -9,6 +9,7 @@ file. The report adds tables/lomt_vs_mtl.md.
 """
 
 from configs.sweeps import lomt_phase1_demo
+from mtl_sparse_jax import lomt
 
 LAYERS_FILE = "runs/lomt_phase1/lomt_layers.json"
 TASK_SETS = [("seg", "normals"), ("seg", "depth"), ("seg", "normals", "depth")]
@@ -22,9 +23,4 @@ def base_config():
 
 
 def get_sweep():
-    cells = []
-    for tasks in TASK_SETS:
-        name = "+".join(tasks)
-        cells.append({"_name": f"{name}__mtl", "tasks": tasks, "lomt.layers_file": ""})
-        cells.append({"_name": f"{name}__lomt", "tasks": tasks})
-    return base_config(), cells
+    return base_config(), lomt.comparison_cells(TASK_SETS)

@@ -8,6 +8,7 @@ weight decay 0.01, λ = 1e-5, early stopping with patience 15; `--override.spars
 """
 
 from configs import nyu
+from mtl_sparse_jax import lomt
 
 LAYERS_FILE = "runs/lomt_phase1_nyu/lomt_layers.json"
 TASK_SETS = [("seg", "depth"), ("seg", "normals"), ("normals", "depth"), ("seg", "normals", "depth")]
@@ -27,9 +28,4 @@ def base_config():
 
 
 def get_sweep():
-    cells = []
-    for tasks in TASK_SETS:
-        name = "+".join(tasks)
-        cells.append({"_name": f"{name}__mtl", "tasks": tasks, "lomt.layers_file": ""})
-        cells.append({"_name": f"{name}__lomt", "tasks": tasks})
-    return base_config(), cells
+    return base_config(), lomt.comparison_cells(TASK_SETS)
