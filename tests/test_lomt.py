@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from np_reference import np_conv
 
 from mtl_sparse_jax import config_utils, lomt
 from mtl_sparse_jax.models import HeadSpec, MultiTaskModel, ResNetD, build_head, head_param_name
@@ -67,23 +68,6 @@ def expected_backbone_modules(tap_point):
     if tap_point != "conv":
         mods.add("layer3_1/bn2")  # the tap reads after the BN, so the BN is part of the model
     return mods
-
-
-def np_conv(x, w, stride=1, dilation=1):
-    """Zero-padded ('same') cross-correlation in numpy, NHWC × HWIO."""
-    k = w.shape[0]
-    pad = dilation * (k - 1) // 2
-    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ho = (x.shape[1] + 2 * pad - dilation * (k - 1) - 1) // stride + 1
-    wo = (x.shape[2] + 2 * pad - dilation * (k - 1) - 1) // stride + 1
-    out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
-    for a in range(k):
-        for c in range(k):
-            patch = xp[:, a * dilation :, c * dilation :][
-                :, : stride * (ho - 1) + 1 : stride, : stride * (wo - 1) + 1 : stride
-            ]
-            out += patch @ w[a, c]
-    return out
 
 
 @pytest.mark.parametrize("tap_point", ["conv", "bn", "relu"])

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from np_reference import np_conv
 
 from mtl_sparse_jax.models import Conv2d, ResNetD, conv_paths, resnetd18, resnetd101, tap_names
 
@@ -129,22 +130,6 @@ def test_bad_config_and_unknown_tap_raise_value_errors():
         ResNetD(depth=18, output_stride=4).init(KEY, x, train=False)
     with pytest.raises(ValueError, match="unknown tap"):
         jax.eval_shape(lambda x: ResNetD(depth=18).init(KEY, x, train=False, taps=("layer3_0/conv3",)), x)
-
-
-def np_conv(x, w, stride=1, dilation=1):
-    k = w.shape[0]
-    pad = dilation * (k - 1) // 2
-    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ho = (x.shape[1] + 2 * pad - dilation * (k - 1) - 1) // stride + 1
-    wo = (x.shape[2] + 2 * pad - dilation * (k - 1) - 1) // stride + 1
-    out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
-    for a in range(k):
-        for c in range(k):
-            patch = xp[:, a * dilation :, c * dilation :][
-                :, : stride * (ho - 1) + 1 : stride, : stride * (wo - 1) + 1 : stride
-            ]
-            out += patch @ w[a, c]
-    return out
 
 
 @pytest.fixture(scope="module")
