@@ -90,7 +90,7 @@ class ShutdownNoiseFilter:
     "Traceback ... RuntimeError: Event loop is closed" through `sys.stderr`, from its own thread, around and
     even inside the one-line error. The filter collects a traceback per thread from its first line to its
     exception line and drops it when that line is one of `drop`; text outside tracebacks is written at once.
-    Installed by the command lines only, and not with --debug.
+    Installed by `run` (every command line's boundary), not with --debug.
     """
 
     _START = "Traceback (most recent call last):"
@@ -295,6 +295,8 @@ def run(main_fn: Callable[[list[str]], int | None], argv: Sequence[str] | None =
     debug = debug_requested(argv)
     if not debug:
         quiet_tensorflow()
+        if not isinstance(sys.stderr, ShutdownNoiseFilter):
+            sys.stderr = ShutdownNoiseFilter(sys.stderr)
     try:
         code = main_fn(argv)
     except SystemExit:

@@ -16,7 +16,6 @@ from mtl_sparse_jax import cli
 
 if not cli.debug_requested():
     cli.quiet_tensorflow()  # before anything imports TensorFlow
-    sys.stderr = cli.ShutdownNoiseFilter(sys.stderr)
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
